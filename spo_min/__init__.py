@@ -1,0 +1,1 @@
+"""spo-min: a minimal, readable reference implementation of SPO (Lou et al., AAAI 2025)."""

@@ -1,0 +1,362 @@
+"""Checkpoints: GPT weights, their config and free-form metadata in one safetensors file.
+
+A safetensors file is  [8-byte little-endian header length N][N bytes of JSON header][raw data].
+The header maps each tensor name to {"dtype", "shape", "data_offsets"} and may hold
+"__metadata__", a str -> str dict. We put JSON strings there:
+
+    "spo_min.format"    FORMAT_TAG, marks files written by save_model
+    "spo_min.layout"    "spo" (nn.Linear weights [out, in]) or "hf" (Conv1D weights [in, out])
+    "spo_min.config"    GPTConfig.to_dict() as JSON
+    "spo_min.metadata"  the caller's metadata as JSON (round, beta, lambdas, parent checkpoint ...)
+
+so a chain of SPO policies pi_0 .. pi_{n-1} can be rebuilt and checked from the files alone.
+
+load_model also reads Hugging Face GPT-2 files (e.g. the real 124M weights): keys with or without
+the "transformer." prefix, Conv1D weights stored transposed, no lm_head (tied to wte), and the
+causal-mask buffers attn.bias / attn.masked_bias, which are not weights and are skipped.
+Their config is inferred from tensor shapes, except n_head, which no shape reveals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from spo_min.model import GPT, GPTConfig, ModelError
+
+FORMAT_TAG = "spo-min-gpt2/1"
+LAYOUTS = ("spo", "hf")
+_KEY_FORMAT, _KEY_LAYOUT = "spo_min.format", "spo_min.layout"
+_KEY_CONFIG, _KEY_METADATA = "spo_min.config", "spo_min.metadata"
+
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# HF's Conv1D stores these four weights as [in, out]; our nn.Linear stores [out, in].
+_CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+# HF GPT-2 files may carry the causal mask as buffers: constants, not weights (often uint8/bool).
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as a GPT-2 model, or a save that cannot happen."""
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def atomic_write(path, write_fn) -> None:
+    """Call write_fn(tmp_path) on a temp file in path's folder, then rename it to path.
+
+    os.replace is atomic within one filesystem: readers see the old file or the complete new
+    one, never half a checkpoint. If write_fn fails, the temp file is removed and path is
+    untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write_fn(str(tmp))
+        with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "spo") -> None:
+    """Write model's weights, config and metadata (JSON-serialisable dict) to path, atomically.
+
+    layout="spo": our parameter names and orientation. layout="hf": the keys and Conv1D
+    orientation of transformers' GPT2LMHeadModel, which loads the file unchanged (with a
+    config.json beside it); load_model reads both.
+    """
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"save_model: layout must be one of {LAYOUTS}, got {layout!r}")
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if not isinstance(model, GPT):
+        raise CheckpointError(f"save_model: expected a spo_min GPT, got {type(model).__name__}")
+    if layout == "hf" and not model.config.bias:
+        raise CheckpointError("save_model: layout='hf' needs bias=True (GPT-2 always has biases)")
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"save_model: metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        metadata_json = json.dumps(metadata)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"save_model({path}): metadata is not JSON-serialisable: {err}") from None
+
+    tensors = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if layout == "hf" and _CONV1D.fullmatch(name.removeprefix("transformer.")):
+            t = t.t()
+        tensors[name] = t.contiguous()
+    header = {
+        "format": "pt",  # transformers refuses safetensors files without it
+        _KEY_FORMAT: FORMAT_TAG,
+        _KEY_LAYOUT: layout,
+        _KEY_CONFIG: json.dumps(model.config.to_dict()),
+        _KEY_METADATA: metadata_json,
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def read_header(path) -> tuple[dict, dict]:
+    """Parse and check a safetensors header without reading the tensors.
+
+    Returns ({tensor name: {"dtype", "shape", "data_offsets"}}, {metadata str: str}).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    not_safetensors = (
+        f"{path}: not a safetensors file (a safetensors file starts with an 8-byte header length "
+        "and a JSON header). Convert PyTorch .bin/.pt checkpoints with safetensors.torch.save_file."
+    )
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{not_safetensors} The file has only {size} bytes.")
+        n = int.from_bytes(head, "little")
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(not_safetensors)
+        raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise CheckpointError(not_safetensors)
+    if len(raw) < n:
+        raise CheckpointError(
+            f"{path}: truncated: the header announces {n} bytes but the file ends after {len(raw)}; "
+            "the file was cut short (interrupted copy or download?): copy or save it again"
+        )
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except ValueError as err:
+        raise CheckpointError(f"{not_safetensors} ({err})") from None
+    file_metadata = header.pop("__metadata__", None) or {}
+    data_bytes = size - 8 - n
+    for key, info in header.items():
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for key '{key}': {info!r}")
+        begin, end = info["data_offsets"]
+        if end > data_bytes:
+            raise CheckpointError(
+                f"{path}: truncated: key '{key}' needs data bytes [{begin}, {end}) but the file holds "
+                f"only {data_bytes}; the file was cut short (interrupted copy or save?): copy or save it again"
+            )
+    return header, file_metadata
+
+
+def read_metadata(path) -> dict:
+    """The metadata dict that save_model stored ({} for files not written by spo-min).
+    Reads the header only."""
+    return _parse_our_header(path, read_header(path)[1])[2]
+
+
+def read_config(path, n_head: int | None = None) -> GPTConfig:
+    """The GPTConfig of a checkpoint (recorded, or inferred for HF files). Reads the header only."""
+    return _open(path, n_head)[-1]
+
+
+def _parse_our_header(path, file_metadata: dict) -> tuple[str, dict | None, dict]:
+    """(layout, config dict or None, user metadata) from the header metadata."""
+    if _KEY_FORMAT not in file_metadata:
+        return "hf", None, {}  # a foreign file: Hugging Face conventions
+    if file_metadata[_KEY_FORMAT] != FORMAT_TAG:
+        raise CheckpointError(
+            f"{path}: format {file_metadata[_KEY_FORMAT]!r} is not {FORMAT_TAG!r}; "
+            "it was written by another spo-min version"
+        )
+    layout = file_metadata.get(_KEY_LAYOUT)
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"{path}: metadata '{_KEY_LAYOUT}' is {layout!r}, expected one of {LAYOUTS}")
+    try:
+        config = json.loads(file_metadata[_KEY_CONFIG])
+        metadata = json.loads(file_metadata[_KEY_METADATA])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupt spo-min metadata in the header ({err!r})") from None
+    return layout, config, metadata
+
+
+def _read_hf_config(path: Path, inferred: dict) -> dict:
+    """The Hugging Face config.json beside the weights, if any, checked against the shapes."""
+    config_path = path.parent / "config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        hf = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{config_path}: activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    for hf_key, ours in (("n_embd", "n_embd"), ("n_layer", "n_layer"), ("vocab_size", "vocab_size"), ("n_positions", "block_size")):
+        if hf_key in hf and hf[hf_key] != inferred[ours]:
+            raise CheckpointError(
+                f"{config_path}: {hf_key}={hf[hf_key]} but the weights in {path.name} have {ours}={inferred[ours]}; "
+                "this config.json belongs to another model"
+            )
+    return hf
+
+
+def _infer_config(path: Path, infos: dict, names: dict, prefix: str, n_head: int | None) -> GPTConfig:
+    """GPTConfig of a foreign (HF) file from its tensor shapes (+ config.json for n_head)."""
+
+    def shape(name):
+        if name not in names:
+            raise CheckpointError(f"{path}: missing key '{prefix}{name}', needed to infer the model size")
+        return infos[names[name]]["shape"]
+
+    for name in ("wte.weight", "wpe.weight"):
+        if len(shape(name)) != 2:
+            raise CheckpointError(f"{path}: key '{names[name]}': expected a matrix, found shape {shape(name)}")
+    vocab_size, n_embd = shape("wte.weight")
+    block_size = shape("wpe.weight")[0]
+    layers = [int(m.group(1)) for name in names if (m := re.match(r"h\.(\d+)\.", name))]
+    if not layers:
+        raise CheckpointError(f"{path}: no transformer blocks (keys '{prefix}h.<i>.*') found")
+    inferred = dict(vocab_size=vocab_size, n_embd=n_embd, block_size=block_size, n_layer=max(layers) + 1)
+    hf = _read_hf_config(path, inferred)
+    if n_head is None:
+        n_head = hf.get("n_head")
+    if n_head is None:  # no shape reveals the number of heads: fall back on GPT-2's 64-dim heads
+        if n_embd % 64:
+            raise CheckpointError(
+                f"{path}: cannot tell n_head from the weights (n_embd={n_embd} is not a multiple of GPT-2's "
+                "head size 64) and there is no config.json beside the file: pass load_model(..., n_head=...)"
+            )
+        n_head = n_embd // 64
+        warnings.warn(
+            f"{path}: n_head not recorded; assuming GPT-2's 64-dim heads, n_head={n_head}. "
+            "Put the model's config.json beside the file or pass load_model(..., n_head=...) to be sure.",
+            stacklevel=3,
+        )
+    try:
+        return GPTConfig(
+            **inferred,
+            n_head=n_head,
+            bias="ln_f.bias" in names,
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        )
+    except ModelError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def _show(keys: list[str], limit: int = 6) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(f"'{k}'" for k in keys[:limit]) + more
+
+
+def _open(path, n_head: int | None):
+    """(infos, layout, metadata, prefix, names, stray, config) of a checkpoint, from its header."""
+    path = Path(path)
+    infos, file_metadata = read_header(path)
+    layout, config_dict, metadata = _parse_our_header(path, file_metadata)
+
+    # Names: strip the optional "transformer." prefix; skip mask buffers. `names` maps our
+    # bare name ("h.0.attn.c_attn.weight") to the key as written in the file.
+    prefix = "transformer." if any(k.startswith("transformer.") for k in infos) else ""
+    names, stray = {}, []
+    for key in infos:
+        if key.startswith(prefix):
+            name = key[len(prefix) :]
+        elif key == "lm_head.weight":
+            name = key
+        else:
+            stray.append(key)  # a prefixed file with an unprefixed key
+            continue
+        if _MASK_BUFFER.fullmatch(name):
+            continue
+        dtype_tag = infos[key]["dtype"]
+        if dtype_tag not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{path}: key '{key}' has dtype {dtype_tag}; model weights must be floating point "
+                f"({', '.join(_FLOAT_DTYPES)})"
+            )
+        names[name] = key
+
+    # Config: recorded by save_model, else inferred from the shapes.
+    if config_dict is not None:
+        try:
+            config = GPTConfig.from_dict(config_dict if n_head is None else {**config_dict, "n_head": n_head})
+        except (ModelError, TypeError) as err:
+            raise CheckpointError(f"{path}: bad config in the header: {err}") from None
+    else:
+        config = _infer_config(path, infos, names, prefix, n_head)
+    return infos, layout, metadata, prefix, names, stray, config
+
+
+def load_model(path, device="cpu", n_head: int | None = None, dtype: torch.dtype | None = torch.float32):
+    """Read a checkpoint written by save_model, or a Hugging Face GPT-2 safetensors file.
+
+    Returns (model in eval mode on device, metadata dict as given to save_model; {} for HF
+    files). n_head overrides the recorded/inferred head count. Weights are cast to dtype
+    (float32 by default; None keeps the stored dtype). Raises CheckpointError naming the file,
+    the key, and what was expected vs found.
+    """
+    path = Path(path)
+    # 1-2. Key names and config, from the header alone.
+    infos, layout, metadata, prefix, names, stray, config = _open(path, n_head)
+
+    # 3. Expected keys and shapes come from the model itself, built on the meta device
+    #    (no memory, no random numbers drawn).
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {}
+    for key, t in model.state_dict().items():
+        name = key.removeprefix("transformer.")
+        transposed = layout == "hf" and _CONV1D.fullmatch(name)
+        expected[name] = tuple(t.shape[::-1]) if transposed else tuple(t.shape)
+    tied_head = "lm_head.weight" in names
+    if tied_head:
+        expected["lm_head.weight"] = expected["wte.weight"]
+    missing = [prefix + name for name in expected if name not in names]
+    unexpected = stray + [key for name, key in names.items() if name not in expected]
+    if missing or unexpected:
+        parts = [f"missing keys {_show(missing)}"] if missing else []
+        parts += [f"unexpected keys {_show(unexpected)}"] if unexpected else []
+        raise CheckpointError(
+            f"{path}: {'; '.join(parts)}. Expected a GPT-2 checkpoint with config {config.to_dict()} "
+            f"(layout '{layout}'); the file is incomplete or holds another architecture."
+        )
+    for name, want in expected.items():
+        found = tuple(infos[names[name]]["shape"])
+        if found != want:
+            raise CheckpointError(
+                f"{path}: key '{names[name]}': expected shape {list(want)}, found {list(found)} "
+                f"(config {config.to_dict()}, layout '{layout}')"
+            )
+
+    # 4. Read the tensors, back to our orientation.
+    state = {}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for name in expected:
+            t = f.get_tensor(names[name])
+            if layout == "hf" and _CONV1D.fullmatch(name):
+                t = t.t().contiguous()
+            state[name] = t if dtype is None else t.to(dtype)
+    if tied_head:  # GPT-2's head is the embedding; a different lm_head would be another model
+        lm_head = state.pop("lm_head.weight")
+        if not torch.equal(lm_head, state["wte.weight"]):
+            raise CheckpointError(
+                f"{path}: key 'lm_head.weight' differs from '{names['wte.weight']}'; spo-min ties the "
+                "output head to the token embedding, so an untied head cannot be loaded"
+            )
+    model.load_state_dict({"transformer." + k: v for k, v in state.items()}, strict=True, assign=True)
+    return model.to(device).eval(), metadata

@@ -1,8 +1,25 @@
-"""DPO and SPO losses, exactly as derived in docs/spo_derivation.md (equations E1..E9).
+"""DPO and SPO losses, exactly as derived (equations E1..E9). The one place the loss math lives.
 
-This module is the one place where the loss math lives. Everything here works on *sequence*
-log-probabilities: one number log pi(y|x) per response (E9), shape (B,) per argument, where
-row b of every tensor belongs to the same preference pair (x, y_w, y_l).
+The derivation in brief (Lou et al., "SPO", arXiv 2405.12739; E-numbers are cited below and
+in the tests). Dimensions 1..N, each with a latent reward R_k; round n turns pi_{n-1} into pi_n:
+
+  E1  max E[R_n]  s.t.  KL(pi_n || pi_{n-1}) <= H_0  and  E[R_i] >= H_i for every i < n
+  E2  Lagrangian: max E[R_n + sum_i lambda_i^(n) R_i] - beta_n KL(pi || pi_{n-1})
+  E3  optimum: pi_n* = pi_{n-1} exp((R_n + sum_i lambda_i^(n) R_i) / beta_n) / Z_n(x)
+  E4  implicit reward r_k = beta_k log(pi_k / pi_{k-1}) = R_k + sum_{i<k} lambda_i^(k) R_i - c(x);
+      inverting the triangular system: R_k = sum_{j<=k} A_kj r_j, A_kk = 1,
+      A_kj = -sum_{i=j}^{k-1} lambda_i^(k) A_ij
+  E5  two rounds: L = -E log sigmoid(beta_2 Delta log(pi/pi_1) - alpha Delta log(pi_1/pi_0)),
+      alpha = lambda beta_1, Delta f = f(x, y_w) - f(x, y_l)
+  E6  n rounds: L = -E log sigmoid(beta_n Delta log(pi/pi_{n-1}) - M_n),
+      M_n = sum_{i<n} lambda_i^(n) Delta R_i (frozen during round n)
+  E7  dL/dlog pi(y_w) = -beta_n sigmoid(M_n - h), h = beta_n Delta log(pi/pi_{n-1}): each pair
+      is weighted by sigmoid(M_n - h); at initialisation that is sigmoid(M_n), not DPO's 1/2
+  E8  the population minimiser of E6 is E3's policy (checked in tests/test_derivation.py)
+  E9  log pi(y|x) = sum of response-token log-probs (prompt and padding excluded)
+
+Everything here works on *sequence* log-probabilities: one number log pi(y|x) per response
+(E9), shape (B,) per argument, where row b of every tensor belongs to the same preference pair.
 
 Naming: "policy" is pi_theta (being trained in round n), "ref" is pi_{n-1} (the previous
 round's policy; pi_0 in round 1), "margin" is the frozen SPO margin M_n of E6.

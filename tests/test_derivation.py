@@ -1,4 +1,4 @@
-"""The derivation itself, checked on a tabular problem (E3, E4, E8 of docs/spo_derivation.md).
+"""The derivation itself, checked on a tabular problem (E3, E4, E8; summarised in spo_min/losses.py).
 
 3 prompts x 6 responses, random true rewards R_1..R_3, tabular softmax policies. Round n's
 labels follow Bradley-Terry on the TRUE reward of dimension n only: p(y_w > y_l) = sigmoid(Delta R_n).

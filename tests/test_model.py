@@ -43,7 +43,7 @@ def test_presets():
     assert shapes == {
         "gpt2": (768, 12, 12, 1024, 50257),
         "small": (128, 4, 4, 256, 50257),
-        "tiny": (64, 2, 2, 128, 50257),
+        "tiny": (64, 4, 4, 128, 50257),
         "nano": (32, 1, 2, 64, 50257),
     }
     assert GPTConfig.preset("tiny", vocab_size=97).vocab_size == 97

@@ -148,24 +148,63 @@ def test_response_styles_score_in_the_designed_order():
 
 def test_default_world_sizes_and_split_by_prompt(world):
     s = world.sizes()
-    assert (s["prompts/train"], s["prompts/heldout"]) == (288, 72)  # 80/20 of 240 + 120
-    assert (s["prompts/train/benign"], s["prompts/train/harmful"]) == (192, 96)
-    assert (s["prompts/heldout/benign"], s["prompts/heldout/harmful"]) == (48, 24)
-    assert (s["sft/train"], s["sft/heldout"]) == (288 * 12, 72 * 12)  # 6 styles x 2
+    # 8 benign + 4 harmful topics x 12 prompts = 96 + 48; held out round(0.2 x n) per kind: 19 + 10.
+    assert (s["prompts/train"], s["prompts/heldout"]) == (115, 29)
+    assert (s["prompts/train/benign"], s["prompts/train/harmful"]) == (77, 38)
+    assert (s["prompts/heldout/benign"], s["prompts/heldout/harmful"]) == (19, 10)
+    assert (s["sft/train"], s["sft/heldout"]) == (115 * 12, 29 * 12)  # 6 styles x 2
     for dim in W.DIMENSIONS:
-        assert (s[f"pairs/{dim}/train"], s[f"pairs/{dim}/heldout"]) == (2880, 720)
+        assert (s[f"pairs/{dim}/train"], s[f"pairs/{dim}/heldout"]) == (115 * 20, 29 * 20)
     train = {p.text for p in world.prompts["train"]}
     held = {p.text for p in world.prompts["heldout"]}
-    assert len(train) == 288 and len(held) == 72 and not train & held  # distinct, disjoint
+    assert len(train) == 115 and len(held) == 29 and not train & held  # distinct, disjoint
     for dim in W.DIMENSIONS:
         assert {p.prompt for p in world.pairs[dim]["train"]} == train
         assert {p.prompt for p in world.pairs[dim]["heldout"]} == held
     assert {p for p, _ in world.sft["train"]} == train
-    # 10 prompts per topic; the first 24 held-out prompts already mix both kinds (for evaluation).
+    # The first 8 benign and first 4 harmful topics of TOPICS, 12 prompts each, each prompt of
+    # the topic it says; held-out prompts spread over the topics: 19 over 8 -> 2 or 3, 10 over 4 -> 2 or 3.
+    names = [t.name for t in W.TOPICS if t.kind == "benign"][:8] + [t.name for t in W.TOPICS if t.kind == "harmful"][:4]
+    assert world.config["topics"] == names
     topics = [p.topic for ps in world.prompts.values() for p in ps]
-    assert all(topics.count(t.name) == 10 for t in W.TOPICS)
+    assert sorted(set(topics)) == sorted(names) and all(topics.count(n) == 12 for n in names)
+    assert all(W.find_topic(p.text).name == p.topic for ps in world.prompts.values() for p in ps)
+    held_topics = [p.topic for p in world.prompts["heldout"]]
+    assert all(held_topics.count(n) in (2, 3) for n in names)
+    # The first 24 held-out prompts already mix both kinds (for evaluation).
     assert {p.kind for p in world.prompts["heldout"][:24]} == {"benign", "harmful"}
-    assert "prompts 288 (192 benign, 96 harmful)" in world.describe()
+    assert "prompts 115 (77 benign, 38 harmful)" in world.describe()
+    assert "8 benign + 4 harmful, 12 prompts each: bread, guitar" in world.describe()
+
+
+def test_full_world_uses_every_topic():
+    full = W.build_world(seed=0, n_topics=None, pairs_per_prompt=1, sft_per_style=1)
+    assert full.prompts == W.build_world(seed=0, n_topics=(24, 12), pairs_per_prompt=1, sft_per_style=1).prompts
+    s = full.sizes()
+    # 36 topics x 12 = 288 benign + 144 harmful; held out round(57.6) = 58 and round(28.8) = 29.
+    assert (s["prompts/train/benign"], s["prompts/train/harmful"]) == (230, 115)
+    assert (s["prompts/heldout/benign"], s["prompts/heldout/harmful"]) == (58, 29)
+    assert {p.topic for ps in full.prompts.values() for p in ps} == {t.name for t in W.TOPICS}
+
+
+def test_small_world_text_stays_within_its_topics(world):
+    # The offtopic style answers another SELECTED topic, so no response of the default world
+    # carries a content word of an unselected topic (a tiny model need not learn them).
+    selected = set(world.config["topics"])
+    texts = [r for split in world.sft.values() for _, r in split]
+    texts += [r for dim in W.DIMENSIONS for split in world.pairs[dim].values() for p in split for r in (p.chosen, p.rejected)]
+    owners = {name for text in texts for _, name, _ in W._keyword_hits(W._words(text))}
+    assert owners == selected  # every selected topic's words occur, and no others
+    offtopic = [r for _, r in world.sft["train"] if r.startswith((" Anyway", " By the way", " On another note"))]
+    assert len(offtopic) == 2 * 115  # 2 per prompt: both kinds have the offtopic style
+    # Without a pool, make_response draws from all benign topics; a pool with no other benign
+    # topic is an error, not a silent fallback.
+    rng = random.Random(0)
+    drawn = {name for _ in range(400)
+             for _, name, _ in W._keyword_hits(W._words(W.make_response(W.TOPICS[0], "offtopic", rng)))}
+    assert len(drawn - selected) > 8 and W.TOPICS[0].name not in drawn  # 400 draws over 23 topics
+    with pytest.raises(W.WorldError, match="offtopic_pool"):
+        W.make_response(W.TOPICS[0], "offtopic", rng, offtopic_pool=(W.TOPICS[0],))
 
 
 def test_pairs_are_well_formed_and_fit_the_sampling_budget(world):
@@ -188,13 +227,14 @@ def test_pairs_are_well_formed_and_fit_the_sampling_budget(world):
 
 def test_world_is_deterministic_and_leaves_global_rngs_alone():
     states = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
-    a = W.build_world(seed=3, n_benign=48, n_harmful=24, pairs_per_prompt=3, sft_per_style=1)
-    b = W.build_world(seed=3, n_benign=48, n_harmful=24, pairs_per_prompt=3, sft_per_style=1)
-    c = W.build_world(seed=4, n_benign=48, n_harmful=24, pairs_per_prompt=3, sft_per_style=1)
+    small = dict(n_topics=(4, 2), prompts_per_topic=6, sft_per_style=1)
+    a = W.build_world(seed=3, pairs_per_prompt=3, **small)
+    b = W.build_world(seed=3, pairs_per_prompt=3, **small)
+    c = W.build_world(seed=4, pairs_per_prompt=3, **small)
     assert a.pairs == b.pairs and a.sft == b.sft and a.prompts == b.prompts
     assert a.pairs != c.pairs and a.prompts != c.prompts
     # Changing the number of pairs never changes the prompts or the split (separate streams).
-    d = W.build_world(seed=3, n_benign=48, n_harmful=24, pairs_per_prompt=5, sft_per_style=1)
+    d = W.build_world(seed=3, pairs_per_prompt=5, **small)
     assert d.prompts == a.prompts and d.sft == a.sft
     assert random.getstate() == states[0] and torch.equal(torch.get_rng_state(), states[1])
     assert np.array_equal(np.random.get_state()[1], states[2])
@@ -216,7 +256,7 @@ def test_labels_follow_bradley_terry(world):
                 variance += p * (1 - p)
         assert abs(agree - expected) <= 4 * math.sqrt(variance) + 1, (dim, agree, expected)
     # A near-infinite temperature makes every label a coin flip: about half agree.
-    hot = W.build_world(seed=0, n_benign=48, n_harmful=24, pairs_per_prompt=10, temperature=1e9)
+    hot = W.build_world(seed=0, temperature=1e9)
     pairs = [p for p in hot.pairs["helpful"]["train"]
              if W.helpfulness(p.prompt, p.chosen) != W.helpfulness(p.prompt, p.rejected)]
     agree = sum(W.helpfulness(p.prompt, p.chosen) > W.helpfulness(p.prompt, p.rejected) for p in pairs)
@@ -240,10 +280,14 @@ def test_dimensions_disagree_on_harmful_prompts_and_refusal_costs_help_on_benign
                 refusal_won += styles[0]
         return n, refusal_won
 
+    # 38 harmful training prompts x 20 pairs: 1 in 15 style pairs is comply vs refusal, and about
+    # half of the compliances are full answers (> 0.6), so ~25 such pairs per dimension (seed 0:
+    # 32 and 24). A full answer beats a refusal by >= 0.6 in score, so a BT label flips with
+    # probability <= sigmoid(-6) = 0.25%: the < 5% / > 95% bounds hold with a wide margin.
     n, won = comply_vs_refusal("helpful", "harmful")
-    assert n > 30 and won / n < 0.05  # helpful data prefers complying ...
+    assert n >= 20 and won / n < 0.05  # helpful data prefers complying ...
     n, won = comply_vs_refusal("harmless", "harmful")
-    assert n > 30 and won / n > 0.95  # ... harmless data prefers refusing
+    assert n >= 20 and won / n > 0.95  # ... harmless data prefers refusing
     n, won = comply_vs_refusal("helpful", "benign")
     assert n > 30 and won / n < 0.05  # on benign prompts refusing loses helpfulness
     n, won = comply_vs_refusal("harmless", "benign")  # and gains no harmlessness: coin flips
@@ -256,15 +300,31 @@ def test_sft_corpus_holds_every_style(world):
     harmful = [(p, r) for p, r in world.sft["train"] if kind[p] == "harmful"]
     # 2 per style per prompt: refusals are exactly the refusal style on benign prompts, and the
     # refusal + redirect styles on harmful prompts; compliance covers at least the comply style.
-    assert sum(map(W.is_refusal, benign)) == 2 * 192
-    assert sum(W.is_refusal(r) for _, r in harmful) == 4 * 96
-    assert sum(W.is_compliance(p, r) for p, r in harmful) >= 2 * 96
-    assert sum(W.harmlessness("", r) < 1 for r in benign) >= 2 * 192  # the rude style
+    assert sum(map(W.is_refusal, benign)) == 2 * 77
+    assert sum(W.is_refusal(r) for _, r in harmful) == 4 * 38
+    assert sum(W.is_compliance(p, r) for p, r in harmful) >= 2 * 38
+    assert sum(W.harmlessness("", r) < 1 for r in benign) >= 2 * 77  # the rude style
 
 
 def test_bad_world_options():
-    with pytest.raises(ValueError, match="benign prompts"):
-        W.build_world(n_benign=10_000)
+    # Every option error is a WorldError (a ValueError) naming the option and the allowed range.
+    for bad, message in [
+        ((1, 4), r"n_topics: benign topics must be in 2\.\.24 \(the offtopic style needs two\), got 1"),
+        ((25, 4), r"n_topics: benign topics must be in 2\.\.24 .*got 25"),
+        ((8, 0), r"n_topics: harmful topics must be in 1\.\.12, got 0"),
+        ((8, 13), r"n_topics: harmful topics must be in 1\.\.12, got 13"),
+        ((8,), r"n_topics must be a pair of ints"),
+        ((8.0, 4), r"n_topics must be a pair of ints"),
+        (8, r"n_topics must be a pair of ints"),
+    ]:
+        with pytest.raises(W.WorldError, match=message):
+            W.build_world(n_topics=bad)
+    for bad in (0, 15, 2.5):  # 2 phrasings x 7 templates = 14 distinct requests per topic
+        with pytest.raises(W.WorldError, match=rf"prompts_per_topic must be an int in 1\.\.14 .*got {bad}"):
+            W.build_world(prompts_per_topic=bad)
+    # The extremes are valid: 2 benign + 1 harmful topic, all 14 requests each:
+    # 28 - round(5.6) + 14 - round(2.8) = 22 + 11 training prompts.
+    assert W.build_world(n_topics=(2, 1), prompts_per_topic=14, pairs_per_prompt=1).sizes()["prompts/train"] == 33
     with pytest.raises(ValueError, match="heldout_fraction"):
         W.build_world(heldout_fraction=1.0)
     with pytest.raises(ValueError, match="temperature"):

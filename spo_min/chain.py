@@ -1,0 +1,145 @@
+"""The SPO chain on disk: pi_0 -> pi_1 -> ... -> pi_n, one safetensors file per round.
+
+Round n's margin (E6) needs every earlier policy and every earlier round's beta and lambdas, so
+each round's checkpoint records them in its metadata, together with its parent file and that
+file's sha256. The whole chain can then be rebuilt and checked from the files alone.
+
+A round in progress also writes a resumable state (policy weights, AdamW moments, step) every
+--save-every steps, atomically, so `--resume` after a kill -9 continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from spo_min.checkpoint import CheckpointError, atomic_write, read_config, read_metadata  # noqa: F401
+
+
+class ChainError(CheckpointError):
+    pass
+
+
+def round_path(out_dir, n, stage):
+    return os.path.join(out_dir, f"round{n}_{stage}.safetensors")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parent_fields(parent_path):
+    """Metadata that ties a round to the exact file it started from."""
+    return {"parent": os.path.abspath(parent_path), "parent_sha256": file_sha256(parent_path)}
+
+
+def round_lambdas(args, n):
+    """lambda^(n) = [lambda_1^(n), ..., lambda_{n-1}^(n)] for round n (E2); [] for round 1 or DPO."""
+    if n == 1 or args.loss == "dpo":
+        return []
+    if args.lambdas:
+        return [float(x) for x in args.lambdas[n - 2].split(",")]
+    alpha = args.alpha
+    # --alpha: lambda_i^(n) = alpha / beta_i. At n = 2 the margin is alpha * Delta log(pi_1/pi_0),
+    # exactly E5. Every round shares --beta here, so beta_i = args.beta.
+    return [alpha / args.beta] * (n - 1)
+
+
+DEFAULT_ALPHA = 0.1  # with beta = 0.1: lambda = 1, the earlier reward counts as much as the new one
+
+
+def resolve_hyperparameters(args):
+    """Check the SPO hyperparameters of a run and fill in the default alpha."""
+    if not (args.beta > 0 and math.isfinite(args.beta)):
+        raise ChainError(f"--beta must be > 0, got {args.beta}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ChainError(f"--lr must be a positive number, got {args.lr}")
+    if args.alpha is not None and args.lambdas:
+        raise ChainError("give either --alpha or --lambdas, not both")
+    if args.alpha is None and not args.lambdas:
+        args.alpha = DEFAULT_ALPHA
+    if args.alpha is not None and args.alpha < 0:
+        raise ChainError(f"--alpha must be >= 0, got {args.alpha}")
+    if args.lambdas:
+        if len(args.lambdas) != len(args.stage) - 1:
+            raise ChainError(f"--lambdas is given {len(args.lambdas)} times; {len(args.stage)} stages need "
+                             f"{len(args.stage) - 1} (one per round from round 2 on)")
+        for n, text in enumerate(args.lambdas, start=2):
+            try:
+                values = [float(x) for x in text.split(",")]
+            except ValueError:
+                raise ChainError(f"--lambdas '{text}' (round {n}): expected comma-separated numbers") from None
+            if len(values) != n - 1 or min(values) < 0:
+                raise ChainError(f"--lambdas '{text}': round {n} needs {n - 1} non-negative lambdas "
+                                 f"(lambda_1^({n}) .. lambda_{n - 1}^({n}))")
+
+
+def check_chain_complete(out_dir, stages):
+    """With --resume, a round's files need every earlier round's checkpoint (its margin uses them)."""
+    for n in range(len(stages), 0, -1):
+        done = os.path.exists(round_path(out_dir, n, stages[n - 1]))
+        started = os.path.exists(round_path(out_dir, n, stages[n - 1]).replace(".safetensors", ".state.safetensors"))
+        if done or started:
+            for k in range(1, n):
+                earlier = round_path(out_dir, k, stages[k - 1])
+                if not os.path.exists(earlier):
+                    raise ChainError(f"cannot resume round {n}: it needs the earlier checkpoint {earlier}, "
+                                     "which is missing. Restore it, or run without --resume to start over")
+            return
+
+
+def check_resumable(path, round_chain, stage, args):
+    """A finished round may be reused only if it was trained from this chain with these settings."""
+    meta = read_metadata(path)
+    parent = round_chain[-1]["path"]
+    expected = {"stage": stage, "loss": args.loss, "beta": args.beta, "margin_mode": args.margin,
+                "parent_sha256": file_sha256(parent)}
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise ChainError(f"{path}: metadata '{key}' is {meta.get(key)!r}, this run needs {value!r}. "
+                             "It belongs to another run: use another --out, or drop --resume to retrain")
+
+
+def save_train_state(path, model, optimizer, step, meta):
+    """Resumable mid-round state: weights, AdamW moments and the next step, written atomically."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise ChainError(f"not saving {path}: the weights are no longer finite (the last good state is kept)")
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    names = {id(p): k for k, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone().reshape(-1)
+    header = {"spo_min.train_state": json.dumps({"step": step, **meta})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def load_train_state(path, model, optimizer, parent_path):
+    """Restore a state written by save_train_state; returns the step to continue from."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            state_meta = json.loads(f.metadata()["spo_min.train_state"])
+        tensors = load_file(path)
+    except Exception as err:
+        raise ChainError(f"{path}: not a readable round state ({err}); delete it to restart the round") from None
+    if state_meta.get("parent_sha256") != file_sha256(parent_path):
+        raise ChainError(f"{path}: this round state was trained from another {parent_path}; "
+                         "delete it to restart the round, or restore the original parent checkpoint")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    named = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            name, _, slot = key[len("optim."):].rpartition(".")
+            param = named[name]
+            optimizer.state[param][slot] = value.reshape(()) if slot == "step" else value.reshape(param.shape)
+    return int(state_meta["step"])

@@ -1,0 +1,72 @@
+"""Sequence log-probabilities of a batch under a model (the data path of design.md, end to end).
+
+    input_ids, labels (already shifted, -100 = not scored)
+      -> final hidden states of the GPT
+      -> logits ONLY at scored positions (response tokens): the (N, V) logits are the biggest
+         tensor of a step, and prompt/padding positions would be computed just to be thrown away
+      -> per-token log-probs of the labels (kernels/logprobs.py: policy and, with --ref live,
+         the reference in one fused pass)
+      -> sequence log-probs, E9 (spo_min/losses.py)
+
+`frozen_sequence_logps` runs a frozen policy over a whole list of pairs once, in a fixed order
+and without touching any RNG: that is the per-round reference cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.logprobs import token_logprobs
+from spo_min.data import collate_pairs
+from spo_min.losses import sequence_logps
+
+
+def _scored_logits(model, input_ids, scored):
+    hidden = model.hidden_states(input_ids)  # (B, T, C)
+    return model.head(hidden[scored])  # (N_scored, V): no logits at prompt or padding positions
+
+
+def batch_sequence_logps(model, batch, ref_model=None, average=False, backend="auto"):
+    """Sequence log-probs (E9) of every row of `batch` under `model` (and `ref_model`).
+
+    Returns (policy (2B,), reference (2B,) or None). Gradients flow into `model` only.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    scored = labels != -100
+    policy_logits = _scored_logits(model, input_ids, scored)
+    ref_logits = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logits = _scored_logits(ref_model, input_ids, scored)
+    # One kernel pass reads the policy and reference logits of each scored token.
+    policy_tok, ref_tok = token_logprobs(policy_logits, labels[scored], ref_logits, backend=backend)
+
+    def to_sequences(token_lp):
+        # Put the per-token values back at their (row, position) so E9 is applied in one place.
+        full = torch.zeros(labels.shape, dtype=token_lp.dtype, device=token_lp.device)
+        full = full.masked_scatter(scored, token_lp)
+        return sequence_logps(full, labels, average=average)
+
+    return to_sequences(policy_tok), (None if ref_tok is None else to_sequences(ref_tok))
+
+
+@torch.no_grad()
+def frozen_sequence_logps(model, tokenized_pairs, batch_size=32, average=False, device="cpu"):
+    """Sequence log-probs of a frozen policy on every pair, in order: (chosen (P,), rejected (P,)).
+
+    Computed once per round for each policy the round needs (pi_{n-1} as reference, and
+    pi_0..pi_{n-1} for the SPO margin, E6). No RNG is consumed, so caching never changes the
+    training order.
+    """
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(tokenized_pairs), batch_size):
+        chunk = tokenized_pairs[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk).items()}
+        seq, _ = batch_sequence_logps(model, batch, average=average)
+        chosen.append(seq[: len(chunk)].float().cpu())
+        rejected.append(seq[len(chunk) :].float().cpu())
+    model.train(was_training)
+    empty = torch.zeros(0)
+    return (torch.cat(chosen) if chosen else empty), (torch.cat(rejected) if rejected else empty)

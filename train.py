@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from kernels.logprobs import token_logprobs, triton_available
 from spo_min import chain, data, evaluate, losses
-from spo_min.checkpoint import CheckpointError, load_model, save_model
+from spo_min.checkpoint import CheckpointError, load_model, read_config, read_metadata, save_model
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_sequence_logps, frozen_sequence_logps
 from spo_min.model import GPT, GPTConfig
@@ -141,7 +141,7 @@ def bootstrap_base(args, tokenizer, dist, device):
     path = os.path.join(args.out, "base.safetensors")
     config = GPTConfig.preset(args.model)
     if os.path.exists(path):
-        meta = chain.read_metadata(path)
+        meta = read_metadata(path)
         if meta.get("config") == config.to_dict() and meta.get("sft_steps") == args.sft_steps:
             dist.print(f"[base] reusing {path}")
             return path
@@ -339,14 +339,14 @@ def main(argv=None):
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
     base_path = bootstrap_base(args, tokenizer, dist, device)
-    block_size = chain.read_config(base_path).block_size
+    block_size = read_config(base_path).block_size
     tokenized, world = load_stage_data(args, tokenizer, block_size)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     cache, rows = {}, []
     if dist.is_main:
         rows.append(evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer, device, cache))
         evaluate.append_jsonl(metrics_path, rows[-1])
-    round_chain = [{"path": base_path, **chain.read_metadata(base_path)}]
+    round_chain = [{"path": base_path, **read_metadata(base_path)}]
     for n, stage in enumerate(args.stage, start=1):
         t0 = time.time()
         path = chain.round_path(args.out, n, stage)
@@ -355,7 +355,7 @@ def main(argv=None):
             dist.print(f"[round {n}] {path} already complete; reusing it")
         else:
             path = train_round(args, n, stage, round_chain, tokenized[stage][0], dist, device)
-        round_chain.append({"path": path, **chain.read_metadata(path)})
+        round_chain.append({"path": path, **read_metadata(path)})
         if dist.is_main:
             rows.append(evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer, device, cache))
             rows[-1]["seconds"] = round(time.time() - t0, 1)
@@ -364,14 +364,14 @@ def main(argv=None):
     if dist.is_main:
         print("\nResults (acc = held-out implicit-reward accuracy Delta log(pi_k/pi_0) > 0):")
         print(evaluate.format_table(rows, evaluate_columns(rows)))
-        if world is not None:
-            evaluate.plot_rounds(rows, os.path.join(args.out, "scores.png"))
+        evaluate.plot_rounds(rows, os.path.join(args.out, "scores.png"))
         print(f"\ncheckpoints, {metrics_path} and scores.png are in {args.out}/")
     dist.close()
 
 
 def evaluate_columns(rows):
-    keys = ["round", "stage"] + sorted({k for r in rows for k in r if k.startswith("acc/")})
+    stages = dict.fromkeys(r["stage"] for r in rows[1:])  # round order, each dimension once
+    keys = ["round", "stage"] + [f"acc/{s}" for s in stages]
     keys += [k for k in ("helpfulness", "harmlessness", "refusal_rate_benign", "compliance_rate_harmful")
              if any(k in r for r in rows)]
     return [(k, k.replace("_rate_", " ").replace("acc/", "acc ")) for k in keys]

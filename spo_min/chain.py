@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from spo_min.checkpoint import CheckpointError, atomic_write, read_config, read_metadata  # noqa: F401
+from spo_min.checkpoint import CheckpointError, atomic_write, read_metadata
 
 
 class ChainError(CheckpointError):

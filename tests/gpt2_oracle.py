@@ -76,3 +76,16 @@ def read_tensors(path) -> tuple[dict, dict]:
     """All tensors of a safetensors file and its header metadata."""
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def randomized_gpt(config, seed=0, scale=0.2):
+    """Our GPT with every parameter perturbed: GPT-2's init has zero biases and unit LayerNorms,
+    which would let a swapped or missing bias go unnoticed."""
+    from spo_min.model import GPT
+
+    model = GPT(config, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from gpt2_oracle import hf_config, hf_logits, make_hf_gpt2, read_tensors, save_hf
+from gpt2_oracle import hf_config, hf_logits, make_hf_gpt2, randomized_gpt, read_tensors, save_hf
 from safetensors.torch import save_file
 
 import spo_min.checkpoint as checkpoint
@@ -32,14 +32,6 @@ def random_ids(vocab_size, shape, seed=0):
     return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def randomized_gpt(config, seed=0):
-    """Our GPT with every parameter random (GPT-2 init has zero biases and unit LayerNorms)."""
-    model = GPT(config, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +106,7 @@ def test_hf_layout_loads_in_transformers_unchanged(tmp_path):
 
     n_embd, n_layer, n_head, n_positions, vocab_size = ODD
     config = GPTConfig(block_size=n_positions, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-    ours = randomized_gpt(config, seed=4)
+    ours = randomized_gpt(config, seed=4, scale=0.1)
     save_model(ours, tmp_path / "model.safetensors", metadata={"round": 1}, layout="hf")
     hf_config(*ODD).save_pretrained(tmp_path)  # config.json only
 
@@ -139,7 +131,7 @@ def test_hf_layout_loads_in_transformers_unchanged(tmp_path):
 @pytest.mark.parametrize("bias", [True, False])
 def test_own_layout_round_trip_is_bit_exact(tmp_path, bias):
     config = GPTConfig(block_size=24, vocab_size=101, n_layer=2, n_head=2, n_embd=32, bias=bias, dropout=0.1)
-    model = randomized_gpt(config, seed=5)
+    model = randomized_gpt(config, seed=5, scale=0.1)
     metadata = {
         "dimension": "harmless",
         "beta": 0.1,
@@ -162,7 +154,7 @@ def test_own_layout_round_trip_is_bit_exact(tmp_path, bias):
 
 
 def test_stored_dtype_kept_when_asked(tmp_path):
-    model = randomized_gpt(GPTConfig.preset("nano", vocab_size=53), seed=6).to(torch.bfloat16)
+    model = randomized_gpt(GPTConfig.preset("nano", vocab_size=53), seed=6, scale=0.1).to(torch.bfloat16)
     save_model(model, tmp_path / "bf16.safetensors")
     back, _ = load_model(tmp_path / "bf16.safetensors", dtype=None)
     for k, v in model.state_dict().items():

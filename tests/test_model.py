@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2_oracle import randomized_gpt
+
 from spo_min.model import GPT, GPTConfig, ModelError
 
 V = 53  # a small vocabulary keeps the tests fast; nothing in the model assumes 50257
@@ -19,14 +21,6 @@ def tiny_config(**overrides):
     return GPTConfig(**{**dict(block_size=16, vocab_size=V, n_layer=2, n_head=2, n_embd=32), **overrides})
 
 
-def randomized_gpt(config, seed=0):
-    """GPT-2 init has zero biases and unit LayerNorms; perturb everything so each parameter matters."""
-    model = GPT(config, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def ids(shape, seed=0, vocab=V):

@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
 from spo_min import chain, data, losses
-from spo_min.checkpoint import load_model
+from spo_min.checkpoint import load_model, read_metadata
 from spo_min.logps import batch_sequence_logps, frozen_sequence_logps
 from spo_min.world import build_world
 from spo_min.tokenizer import get_tokenizer
@@ -56,11 +55,11 @@ def test_two_round_smoke(two_round_run):
     assert "gradient checks: autograd == E7" in proc.stdout
     assert "Results" in proc.stdout
     # Chain metadata: round 2 records its parent (round 1) by path and hash, and its hyperparameters.
-    meta2 = chain.read_metadata(out / "round2_harmless.safetensors")
+    meta2 = read_metadata(out / "round2_harmless.safetensors")
     assert meta2["round"] == 2 and meta2["stage"] == "harmless" and meta2["beta"] == 0.1
     assert meta2["lambdas"] == [pytest.approx(0.05 / 0.1)]  # --alpha 0.05: lambda = alpha / beta_1 (E5)
     assert meta2["parent_sha256"] == chain.file_sha256(out / "round1_helpful.safetensors")
-    meta1 = chain.read_metadata(out / "round1_helpful.safetensors")
+    meta1 = read_metadata(out / "round1_helpful.safetensors")
     assert meta1["lambdas"] == [] and meta1["parent_sha256"] == chain.file_sha256(out / "base.safetensors")
 
 

@@ -146,3 +146,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(two_round_run, tmp
     assert proc.returncode == 2 and "loss is not finite" in proc.stderr
     assert not (out / "round1_helpful.safetensors").exists()
     assert not list(out.glob("*.tmp*"))
+
+
+def test_resume_without_an_earlier_round_checkpoint(two_round_run, tmp_path):
+    out_ref, _ = two_round_run
+    out = tmp_path / "gap"
+    os.makedirs(out)
+    for name in ("base.safetensors", "round2_harmless.safetensors"):  # round 1 is missing
+        (out / name).write_bytes((out_ref / name).read_bytes())
+    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *TINY, "--resume",
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot resume round 2: it needs the earlier checkpoint" in proc.stderr
+    assert "round1_helpful.safetensors" in proc.stderr

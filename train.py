@@ -76,26 +76,41 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- data
 
-def load_stage_data(args, tokenizer, block_size):
+def stage_sources(args):
+    """Where each stage's pairs come from: "world", or (path, format). Checked before any training."""
+    files = {}
+    for item in args.data:
+        if item == "world":
+            continue
+        if "=" not in item:
+            raise TrainError(f"--data {item}: expected 'world' or DIMENSION=PATH[:FORMAT]")
+        dimension, spec = item.split("=", 1)
+        path, _, fmt = spec.partition(":")
+        if not os.path.isfile(path):
+            raise TrainError(f"--data {item}: no such file {path}")
+        files[dimension] = (path, fmt or "auto")
+    sources = {}
+    for stage in args.stage:
+        if stage not in files and stage not in DIMENSIONS:
+            known = sorted(set(DIMENSIONS) | set(files))
+            raise TrainError(f"unknown stage '{stage}': known dimensions are {known} "
+                             "(the built-in world's, or one given as --data DIMENSION=PATH)")
+        sources[stage] = files.get(stage, "world")
+    return sources
+
+
+def load_stage_data(args, sources, tokenizer, block_size):
     """Tokenized train/held-out pairs for every stage, plus the world (None for file data)."""
     world = None
-    sources = dict(s.split("=", 1) for s in args.data if s != "world")
-    if any("=" not in s for s in args.data if s != "world"):
-        raise TrainError("--data takes 'world' or DIMENSION=PATH[:FORMAT]")
     pairs = {}
-    for stage in args.stage:
-        if stage in sources:
-            path, _, fmt = sources[stage].partition(":")
-            loaded, report = data.load_pairs(path, fmt=fmt or "auto", dimension=stage)
-            print(f"[data] {stage}: {report}")
-            pairs[stage] = data.split_by_prompt(loaded, heldout_fraction=0.05, seed=args.seed)
-        elif stage in DIMENSIONS:
+    for stage, source in sources.items():
+        if source == "world":
             world = world or build_world(seed=args.seed)
             pairs[stage] = (world.pairs[stage]["train"], world.pairs[stage]["heldout"])
         else:
-            known = sorted(set(DIMENSIONS) | set(sources))
-            raise TrainError(f"unknown stage '{stage}': known dimensions are {known} "
-                             "(the built-in world's, or one given as --data DIMENSION=PATH)")
+            loaded, report = data.load_pairs(source[0], fmt=source[1], dimension=stage)
+            print(f"[data] {stage}: {report}")
+            pairs[stage] = data.split_by_prompt(loaded, heldout_fraction=0.05, seed=args.seed)
     tokenized = {}
     for stage, (train, heldout) in pairs.items():
         train_tok, report = data.tokenize_pairs(train, tokenizer, block_size)
@@ -269,17 +284,21 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         idx = dist.shard(schedule[step])
         batch = {k: v.to(device) for k, v in data.collate_pairs([train_tok[i] for i in idx]).items()}
         b = len(idx)
-        with autocast:
-            policy_seq, live_ref = batch_sequence_logps(policy, batch, ref_model, average=args.average_logps)
+        try:
+            with autocast:
+                policy_seq, live_ref = batch_sequence_logps(policy, batch, ref_model, average=args.average_logps)
+            finite = torch.isfinite(policy_seq).all()
+        except losses.LossInputError:  # E9 refuses NaN/inf token log-probs
+            finite = torch.tensor(False)
+        # Every process must agree to stop, or the others would wait forever in all_reduce.
+        if dist.mean(finite) < 1:
+            raise TrainError(f"round {n} step {step}: loss is not finite; stopped. The last good "
+                             f"state is {state_path if os.path.exists(state_path) else round_chain[-1]['path']} "
+                             "(lower --lr or --beta, or use --dtype float32, then --resume)")
         rc, rr = (live_ref[:b], live_ref[b:]) if live_ref is not None else (ref_chosen[idx], ref_rejected[idx])
         rc, rr, m = rc.to(device), rr.to(device), margin[idx].to(device)
         if step == start and not args.no_grad_check:
             dist.print(f"[round {n}] gradient checks: {gradient_checks(policy, batch, rc, rr, m, beta)}")
-        # Every process must agree to stop, or the others would wait forever in all_reduce.
-        if dist.mean(torch.isfinite(policy_seq).all()) < 1:
-            raise TrainError(f"round {n} step {step}: loss is not finite; stopped. The last good "
-                             f"state is {state_path if os.path.exists(state_path) else round_chain[-1]['path']} "
-                             "(lower --lr or --beta, or use --dtype float32, then --resume)")
         loss, metrics = losses.spo_loss(policy_seq[:b], policy_seq[b:], rc, rr, m, beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -336,11 +355,12 @@ def main(argv=None):
         raise TrainError(f"cannot write to --out {args.out}: permission denied")
     tokenizer = get_tokenizer()
     chain.resolve_hyperparameters(args)
+    sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
     base_path = bootstrap_base(args, tokenizer, dist, device)
     block_size = read_config(base_path).block_size
-    tokenized, world = load_stage_data(args, tokenizer, block_size)
+    tokenized, world = load_stage_data(args, sources, tokenizer, block_size)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     cache, rows = {}, []
     if dist.is_main:

@@ -22,7 +22,8 @@ from spo_min.tokenizer import get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "nano", "--sft-steps", "6", "--steps", "6", "--batch-size", "4",
-        "--eval-prompts", "4", "--save-every", "2", "--alpha", "0.05"]
+        "--eval-prompts", "4", "--save-every", "2"]
+RUN = TINY + ["--alpha", "0.05"]  # the two-round runs compared below
 
 
 def run_train(*args, check=True, env_extra=None, launcher=None):
@@ -38,7 +39,7 @@ def run_train(*args, check=True, env_extra=None, launcher=None):
 @pytest.fixture(scope="module")
 def two_round_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *TINY)
+    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN)
     return out, proc
 
 
@@ -85,12 +86,12 @@ def test_reference_cache_matches_live_reference(two_round_run):
 def test_resume_after_kill_matches_uninterrupted_run(two_round_run, tmp_path):
     out_ref, _ = two_round_run
     out = tmp_path / "killed"
-    crashed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *TINY,
+    crashed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN,
                         "--crash-at-step", "5", check=False)
     assert crashed.returncode != 0  # killed by SIGKILL in round 1 after step 5 (state saved at step 4)
     assert (out / "round1_helpful.state.safetensors").exists()
     assert not (out / "round1_helpful.safetensors").exists()
-    resumed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *TINY, "--resume")
+    resumed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, "--resume")
     assert "resuming helpful at step 4" in resumed.stdout
     for name in ("round1_helpful.safetensors", "round2_harmless.safetensors"):
         a, b = load_file(out / name), load_file(out_ref / name)
@@ -106,7 +107,7 @@ def test_torchrun_two_processes_matches_single_process(two_round_run, tmp_path):
     # Reuse the single-process base so both runs start from identical weights.
     (out / "base.safetensors").write_bytes((out_ref / "base.safetensors").read_bytes())
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    run_train("--stage", "helpful", "--out", str(out), *TINY, launcher=launcher,
+    run_train("--stage", "helpful", "--out", str(out), *RUN, launcher=launcher,
               env_extra={"OMP_NUM_THREADS": "1"})
     a = load_file(out / "round1_helpful.safetensors")
     b = load_file(out_ref / "round1_helpful.safetensors")
@@ -122,9 +123,10 @@ def test_torchrun_two_processes_matches_single_process(two_round_run, tmp_path):
     (["--stage", "helpful", "--beta", "0"], "--beta must be > 0"),
     (["--stage", "helpful", "--stage", "harmless", "--lambdas", "0.1,0.2"], "needs 1 non-negative"),
     ([], "give at least one --stage"),
+    (["--stage", "helpful", "--data", "helpful=/nonexistent.jsonl"], "no such file /nonexistent.jsonl"),
 ])
 def test_bad_input_gives_one_clear_error(args, message, tmp_path):
-    proc = run_train(*args, "--out", str(tmp_path / "o"), *TINY[:2], check=False)
+    proc = run_train(*args, "--out", str(tmp_path / "o"), *TINY, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -142,7 +144,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(two_round_run, tmp
     out = tmp_path / "nan"
     os.makedirs(out)
     (out / "base.safetensors").write_bytes((out_ref / "base.safetensors").read_bytes())
-    proc = run_train("--stage", "helpful", "--out", str(out), *TINY, "--lr", "1e30", check=False)
+    proc = run_train("--stage", "helpful", "--out", str(out), *RUN, "--lr", "1e30", check=False)
     assert proc.returncode == 2 and "loss is not finite" in proc.stderr
     assert not (out / "round1_helpful.safetensors").exists()
     assert not list(out.glob("*.tmp*"))
@@ -154,7 +156,7 @@ def test_resume_without_an_earlier_round_checkpoint(two_round_run, tmp_path):
     os.makedirs(out)
     for name in ("base.safetensors", "round2_harmless.safetensors"):  # round 1 is missing
         (out / name).write_bytes((out_ref / name).read_bytes())
-    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *TINY, "--resume",
+    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, "--resume",
                      check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "cannot resume round 2: it needs the earlier checkpoint" in proc.stderr

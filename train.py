@@ -28,6 +28,7 @@ from spo_min.checkpoint import CheckpointError, load_model, read_config, read_me
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_sequence_logps, frozen_sequence_logps
 from spo_min.model import GPT, GPTConfig
+from spo_min.schedule import cosine_lr, step_schedule
 from spo_min.tokenizer import get_tokenizer
 from spo_min.world import DIMENSIONS, build_world
 
@@ -122,30 +123,7 @@ def load_stage_data(args, sources, tokenizer, block_size):
     return tokenized, world
 
 
-def step_schedule(n_items, batch_size, steps, seed):
-    """Index batches for every step of a round, from the round's own generator.
-
-    Fixed up front, so a resumed run (or one with a reference cache) sees the same order.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    order, schedule = [], []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(n_items, generator=generator).tolist()
-        schedule.append(order[:batch_size])
-        order = order[batch_size:]
-    return schedule
-
-
 # ----------------------------------------------------------------------------- round 0
-
-def cosine_lr(step, total, peak, warmup=20, floor=0.1):
-    """Linear warm-up, then cosine decay to floor * peak: the usual SFT schedule."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
 
 def bootstrap_base(args, tokenizer, dist, device):
     """pi_0: --init if given, else a short SFT on the built-in world (reused when already saved)."""

@@ -361,25 +361,6 @@ def collate_sft(items: Sequence[TokenizedExample], pad_id: int = EOT_ID) -> dict
     return _collate([(e.prompt_ids, e.response_ids) for e in items], pad_id)
 
 
-def batches(items: Sequence, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-            generator: torch.Generator | None = None) -> Iterator[list]:
-    """Yield lists of `batch_size` items (one pass). The order comes from a private generator
-    (`generator`, or a fresh one seeded with `seed`): the global RNGs are never touched, so
-    building batches, e.g. for a reference cache, cannot change any other random stream."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    if shuffle:
-        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(items), generator=generator).tolist()
-    else:
-        order = list(range(len(items)))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        if drop_last and len(chunk) < batch_size:
-            return
-        yield [items[i] for i in chunk]
-
-
 def fingerprint(items: Sequence) -> str:
     """sha256 (16 hex digits) of a list of pairs, tokenized pairs or examples, in order: recorded
     in checkpoints so a round can be matched to the exact data it saw."""

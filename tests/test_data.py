@@ -5,9 +5,7 @@ Fixture files are written into tmp_path by the tests themselves (small, hand-mad
 
 import gzip
 import json
-import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -305,26 +303,6 @@ def test_world_pairs_fit_the_tiny_block_untruncated():
 
 
 # ----------------------------------------------------------------------------- batching and helpers
-
-def test_batches_use_their_own_generator():
-    items = list(range(23))
-    states = random.getstate(), torch.get_rng_state(), np.random.get_state()[1].copy()
-    a = list(data.batches(items, 5, seed=1))
-    b = list(data.batches(items, 5, seed=1))
-    c = list(data.batches(items, 5, seed=2))
-    assert random.getstate() == states[0] and torch.equal(torch.get_rng_state(), states[1])
-    assert np.array_equal(np.random.get_state()[1], states[2])
-    assert a == b and a != c
-    assert [len(x) for x in a] == [5, 5, 5, 5, 3] and sorted(sum(a, [])) == items  # each item once
-    assert [len(x) for x in data.batches(items, 5, drop_last=True)] == [5, 5, 5, 5]
-    assert list(data.batches(items, 10, shuffle=False)) == [items[:10], items[10:20], items[20:]]
-    # A passed generator is advanced, so consecutive epochs differ; the same as seeding by hand.
-    g = torch.Generator().manual_seed(7)
-    epoch1, epoch2 = list(data.batches(items, 23, generator=g)), list(data.batches(items, 23, generator=g))
-    assert epoch1 == list(data.batches(items, 23, seed=7)) and epoch1 != epoch2
-    with pytest.raises(DataError, match="batch_size"):
-        list(data.batches(items, 0))
-
 
 def test_split_by_prompt_and_fingerprint():
     pairs = [PreferencePair(f"p{i % 40}", f"c{i}", f"r{i}") for i in range(200)]

@@ -1,13 +1,29 @@
 """Evaluation after each round: implicit-reward accuracy per dimension, and ground-truth scores.
 
-Two complementary views of "did the round work, and did it undo the earlier ones":
+Three complementary views of "did the round work, and did it undo the earlier ones":
 
 1. Held-out preference accuracy of every dimension seen so far, using the implicit reward of
    the whole chain so far, Delta log(pi_k / pi_0) (E4 summed over rounds): the fraction of
    held-out pairs where the current policy moved probability towards the preferred response.
-2. On the built-in world only: sample responses on held-out prompts and score them with the
-   world's ground-truth scorers (mean helpfulness, mean harmlessness, refusal rate on benign
-   prompts, compliance rate on harmful prompts). This is what the rounds are *for*.
+   On the built-in world it is also split by pair type (do the other dimensions' true scores
+   agree with the label, conflict with it, or tie?), and measured against the true order
+   (`acc_true`: labels are Bradley-Terry draws, the true scores are not). The mean change of
+   the preferred response's log-prob against pi_0 measures likelihood displacement.
+2. On the built-in world: the EXACT evaluation (`ExactEvaluation`), no sampling. Every style
+   opens with its own first token (" Sure", " Maybe", " Sorry", ...), so a policy's probability
+   of a style on a prompt is the probability of that token after the prompt, normalised over
+   the styles:
+       P(s | x) = pi(open_s | x) / sum_s' pi(open_s' | x)
+   and every score is the style-ideal expectation sum_s P(s | x) * score(s), score(s) being the
+   mean over fixed templates of the style. (Summing the log-probs of whole template responses
+   instead would be biased: a style with hundreds of wordings, like an answer, spreads its mass
+   over all of them, so any few fixed ones under-count it against a one-liner like a refusal.) It measures what the rounds change (which style the policy prefers)
+   with no sampling noise, and without mixing in fluency. The world's population optimum
+   (World.predict_optimum) is expressed in the same terms, so "predicted" and "measured"
+   stand side by side.
+3. On the built-in world: sample responses on held-out prompts and score them with the
+   world's ground-truth scorers. This is what a user would see; it also measures fluency
+   (end-of-text rate, template rate), which the exact evaluation deliberately leaves out.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ from collections import defaultdict
 import torch
 
 from spo_min import world as world_mod
+from spo_min.data import collate_sft, tokenize_sft
 
 
 def preference_accuracy(policy_logps, base_logps):
@@ -26,17 +43,129 @@ def preference_accuracy(policy_logps, base_logps):
     Both arguments are (chosen (P,), rejected (P,)) sequence log-probs on the same pairs.
     """
     (pc, pr), (bc, br) = policy_logps, base_logps
+    if len(pc) == 0:
+        return {"accuracy": None, "margin": None, "chosen_logp_change": None}
     delta = (pc - bc) - (pr - br)  # Delta log(pi_k / pi_0): > 0 means moved towards chosen
-    return {"accuracy": (delta > 0).float().mean().item(), "margin": delta.mean().item()}
+    return {"accuracy": (delta > 0).float().mean().item(), "margin": delta.mean().item(),
+            # Likelihood displacement: DPO-style losses can lower the preferred response too.
+            "chosen_logp_change": (pc - bc).mean().item()}
+
+
+def pair_types(dimension, pairs):
+    """For each world pair labelled on `dimension`: how the OTHER dimensions' true scores see it.
+
+    "agree": no other dimension prefers the rejected response and one prefers the chosen;
+    "conflict": some other dimension prefers the rejected response; "tie": all others are equal.
+    Also returns each pair's true own-dimension difference score(chosen) - score(rejected).
+    """
+    types, own = [], []
+    for pair in pairs:
+        diffs = {d: world_mod.score(d, pair.prompt, pair.chosen) - world_mod.score(d, pair.prompt, pair.rejected)
+                 for d in world_mod.DIMENSIONS}
+        others = [v for d, v in diffs.items() if d != dimension]
+        types.append("conflict" if any(v < 0 for v in others) else "agree" if any(v > 0 for v in others) else "tie")
+        own.append(diffs[dimension])
+    return types, own
+
+
+def accuracy_by_type(policy_logps, base_logps, types, own_diffs):
+    """acc/<type> on each pair type, and acc_true: the sign of Delta log(pi_k/pi_0) against the
+    sign of the TRUE score difference, on pairs whose true scores differ (ties have no answer)."""
+    (pc, pr), (bc, br) = policy_logps, base_logps
+    delta = ((pc - bc) - (pr - br)).tolist()
+    out = {}
+    for kind in ("agree", "conflict", "tie"):
+        hits = [d > 0 for d, t in zip(delta, types) if t == kind]
+        out[f"acc_{kind}"] = sum(hits) / len(hits) if hits else None
+    decided = [(d > 0) == (o > 0) for d, o in zip(delta, own_diffs) if o != 0]
+    out["acc_true"] = sum(decided) / len(decided) if decided else None
+    return out
+
+
+class ExactEvaluation:
+    """The exact, sample-free evaluation of a policy on the built-in world (module docstring, 2).
+
+    Built once per world and set of prompts: the style templates, their mean scores, and each
+    style's opening token. `style_logprobs(model)` then costs one forward pass over the prompts.
+    """
+
+    def __init__(self, world, prompts, tokenizer, block_size, per_style=8):
+        self.world, self.prompts = world, list(prompts)
+        self.templates = [world.style_templates(p, per_style) for p in self.prompts]
+        self.stats = [world.style_stats(p, t) for p, t in zip(self.prompts, self.templates)]
+        self.prompt_ids = [tokenizer.encode_ordinary(p.text)[-(block_size - 1):] for p in self.prompts]
+        self.opening = []  # per prompt: the first token of each style, in prompt.styles order
+        for p, templates in zip(self.prompts, self.templates):
+            firsts = [{tokenizer.encode_ordinary(r)[0] for r in templates[s]} for s in p.styles]
+            if any(len(f) != 1 for f in firsts) or len({min(f) for f in firsts}) != len(firsts):
+                raise ValueError(f"exact evaluation needs one distinct first token per style; got {firsts} "
+                                 f"for {p.request!r}")
+            self.opening.append([min(f) for f in firsts])
+
+    @torch.no_grad()
+    def style_logprobs(self, model, device="cpu"):
+        """log P(s | x) for every prompt: a list of (S,) float64 tensors, styles in prompt.styles order.
+
+        Every style opens with its own token, so the policy's probability of a style IS the
+        probability of that first token: read it at the last prompt position, normalised over
+        the styles (the mass on tokens that open no style is reported by `off_style_mass`).
+        """
+        was_training = model.training
+        model.eval()
+        width = max(len(ids) for ids in self.prompt_ids)
+        ids = torch.zeros(len(self.prompt_ids), width, dtype=torch.long)
+        for i, p in enumerate(self.prompt_ids):  # right padding: a causal model never looks ahead
+            ids[i, : len(p)] = torch.tensor(p)
+        last = torch.tensor([len(p) - 1 for p in self.prompt_ids])
+        hidden = model.hidden_states(ids.to(device))[torch.arange(len(last)), last.to(device)]
+        next_token = torch.log_softmax(model.head(hidden).double(), dim=-1).cpu()  # (P, V)
+        model.train(was_training)
+        self.last_off_style = []
+        out = []
+        for row, opening in zip(next_token, self.opening):
+            on_style = row[opening]
+            self.last_off_style.append(1.0 - on_style.exp().sum().item())
+            out.append(on_style - on_style.logsumexp(dim=0))
+        return out
+
+    def off_style_mass(self):
+        """Mean probability, over the prompts of the last style_logprobs call, that the policy's
+        first token opens no style at all (0 for a policy that always answers in the world's styles)."""
+        return sum(self.last_off_style) / len(self.last_off_style)
+
+    def scores(self, style_logp):
+        """Style-ideal expected scores per prompt kind, from log P(s | x) of every prompt."""
+        acc = defaultdict(list)
+        for p, stats, logp in zip(self.prompts, self.stats, style_logp):
+            probs = dict(zip(p.styles, torch.as_tensor(logp).exp().tolist()))
+            expect = lambda key: sum(probs[s] * stats[s][key] for s in p.styles)  # noqa: E731
+            acc[f"helpful_{p.kind}"].append(expect("helpful"))
+            acc[f"harmless_{p.kind}"].append(expect("harmless"))
+            if p.kind == "benign":
+                acc["refusal_benign"].append(expect("refusal"))  # over-refusal
+            else:
+                acc["compliance_harmful"].append(expect("compliance"))
+            for s in p.styles:
+                acc[f"P/{p.kind}/{s}"].append(probs[s])
+        return {f"exact/{k}": sum(v) / len(v) for k, v in acc.items()}
+
+    def predicted(self, start_style_logp, stages, betas, lambdas, from_round=1):
+        """The world's population optimum of rounds from_round..N, started from the MEASURED style
+        log-probs of pi_{from_round - 1} and scored like a measured policy: a list of `scores`
+        dicts, [pi_{from_round - 1}, pi_{from_round}*, .., pi_N*]. lambdas all zero = sequential DPO."""
+        chains = [self.world.predict_optimum(p, stats, list(logp), stages, betas, lambdas, from_round)
+                  for p, stats, logp in zip(self.prompts, self.stats, start_style_logp)]
+        return [self.scores([torch.tensor(c[k]) for c in chains]) for k in range(len(chains[0]))]
 
 
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts, max_new_tokens=32, temperature=1.0, top_k=None,
-                     seed=0, device="cpu", batch_size=64):
+                     seed=0, device="cpu", batch_size=64, return_ended=False):
     """Sample one response per prompt text, reproducibly (own generator, global RNG untouched).
 
     Prompts are grouped by token length so a batch needs no padding (our GPT has no attention
-    mask, and left padding would change what the model sees).
+    mask, and left padding would change what the model sees). With return_ended, also returns
+    for each response whether it ended with end-of-text within max_new_tokens.
     """
     was_training = model.training
     model.eval()
@@ -46,6 +175,7 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens=32, temperature=1
     for i, ids in enumerate(encoded):
         by_length[len(ids)].append(i)
     responses = [""] * len(prompts)
+    ended = [False] * len(prompts)
     eot = tokenizer.eot_token
     for length in sorted(by_length):
         indices = by_length[length]
@@ -56,17 +186,27 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens=32, temperature=1
                                  eos_id=eot, generator=generator)
             for row, i in enumerate(chunk):
                 new = out[row, length:].tolist()
+                ended[i] = eot in new
                 new = new[: new.index(eot)] if eot in new else new
                 responses[i] = tokenizer.decode(new)
     model.train(was_training)
-    return responses
+    return (responses, ended) if return_ended else responses
 
 
-def world_scores(world_prompts, responses):
-    """Ground-truth scores of responses to the built-in world's prompts."""
+def world_scores(world_prompts, responses, ended=None):
+    """Ground-truth scores of responses to the built-in world's prompts.
+
+    With `ended` (from sample_responses(return_ended=True)) it also reports fluency:
+    eot_rate, the share that ended with end-of-text, and template_rate, the share that read like
+    the world's own text (a style's opening word, a finished sentence, only known words, no
+    repeated trigram, end-of-text).
+    """
     help_scores, harm_scores = [], []
     benign_refusals, harmful_compliances = [], []
-    for prompt, response in zip(world_prompts, responses):
+    templated = []
+    for i, (prompt, response) in enumerate(zip(world_prompts, responses)):
+        if ended is not None:
+            templated.append(float(ended[i] and world_mod.is_well_formed(prompt, response)))
         help_scores.append(world_mod.helpfulness(prompt.text, response))
         harm_scores.append(world_mod.harmlessness(prompt.text, response))
         if prompt.kind == "benign":
@@ -74,12 +214,38 @@ def world_scores(world_prompts, responses):
         else:
             harmful_compliances.append(float(world_mod.is_compliance(prompt.text, response)))
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {
+    out = {
         "helpfulness": mean(help_scores),
         "harmlessness": mean(harm_scores),
         "refusal_rate_benign": mean(benign_refusals),
         "compliance_rate_harmful": mean(harmful_compliances),
     }
+    if ended is not None:
+        out["eot_rate"] = mean([float(e) for e in ended])
+        out["template_rate"] = mean(templated)
+    return out
+
+
+# What "training that does not degenerate" means here (README.md): after every round, the
+# preferred held-out responses lost at most this many nats on average against pi_0, at least this
+# share of samples ended with end-of-text, and the round moved its own dimension this far
+# (acc_true: held-out pairs ordered by their true scores).
+MAX_DISPLACEMENT, MIN_EOT_RATE, MIN_OWN_ACCURACY = 5.0, 0.95, 0.7
+
+
+def health_check(row, stages):
+    """'ok', or which of the criteria above a round's evaluation row misses."""
+    problems = []
+    for dim in stages:
+        change = row.get(f"chosen_logp_change/{dim}")
+        if change is not None and change < -MAX_DISPLACEMENT:
+            problems.append(f"{dim} y_w {change:+.1f} nats")
+    if row.get("eot_rate") is not None and row["eot_rate"] < MIN_EOT_RATE:
+        problems.append(f"end-of-text {row['eot_rate']:.2f}")
+    own = row.get(f"acc_true/{row['stage']}")
+    if own is not None and own < MIN_OWN_ACCURACY:
+        problems.append(f"own accuracy {own:.2f}")
+    return "ok" if not problems else "MISSES: " + ", ".join(problems)
 
 
 def format_table(rows, columns):
@@ -101,8 +267,8 @@ def _fmt(value):
     return str(value)
 
 
-def plot_rounds(rows, path, keys=("helpfulness", "harmlessness", "refusal_rate_benign",
-                                  "compliance_rate_harmful")):
+def plot_rounds(rows, path, keys=("exact/helpful_benign", "exact/harmless_harmful", "exact/refusal_benign",
+                                  "exact/compliance_harmful", "helpfulness", "harmlessness")):
     """PNG of each per-dimension score across rounds (round 0 = the base policy)."""
     import matplotlib
 

@@ -50,6 +50,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from spo_min.data import DIMENSIONS, PreferencePair
 
 __all__ = [
@@ -61,6 +63,11 @@ __all__ = [
 
 class WorldError(ValueError):
     """A build_world option (or make_response argument) the world cannot serve."""
+
+
+# The raters of the default world (why these values: see "Choosing the raters" above).
+DEFAULT_TEMPERATURE = 0.25
+DEFAULT_CAUTIOUS = 0.2
 
 
 # ----------------------------------------------------------------------------- topics
@@ -229,25 +236,32 @@ REQUEST_TEMPLATES = (
     "Explain how to {task}.", "I want to {task}. Where do I start?", "Give me steps to {task}.",
     "Please help me {task}.",
 )
-# Answers restate the topic first: the content words that follow then depend on nearby text,
-# which a tiny model learns far faster than conditioning every word on the prompt.
-OPENERS = ("Sure! To {h}, ", "To {h}, ", "Here is how to {h}: ", "Happy to help. To {h}, ")
-PARTIALS = ("To {h}, {step}.", "You could {step}.", "Maybe {step}.", "{Step}, I guess.")
-OFFTOPIC_OPENERS = ("Anyway, to {h}, ", "By the way, to {h}, ", "On another note, to {h}, ")
+# Every style opens with its own first word (and, in GPT-2's BPE, its own first token), so a
+# policy's probability of each style can be read off exactly (spo_min/evaluate.py) and a sample's
+# style is told by its first word (`style_of`). Answers then restate the topic: the content
+# words that follow depend on nearby text, which a tiny model learns far faster than
+# conditioning every word on the prompt.
+OPENERS = ("Sure! To {h}, ", "Sure, to {h}, ", "Sure. Here is how to {h}: ", "Sure thing. To {h}, ")
+PARTIALS = ("Maybe {step}.", "Maybe you could {step}.", "Maybe {step}, I guess.", "Maybe try to {step}.")
+PARTIAL_CUT_OPENERS = ("Maybe to {h}, ",)  # a cut-off answer: opens like a partial, then stops
+OFFTOPIC_OPENERS = ("Anyway, to {h}, ", "Anyway, here is how to {h}: ", "Anyway. To {h}, ")
 REFUSALS = (
-    "I'm sorry, but I can't help with that.", "Sorry, I won't help you {task}.",
-    "I'm afraid I can't help you {task}.", "I cannot help with that request, sorry.",
+    "Sorry, but I can't help with that.", "Sorry, I won't help you {task}.",
+    "Sorry, I'm afraid I can't help you {task}.", "Sorry, I cannot help with that request.",
     "Sorry, that is not something I can help with.",
 )
-REDIRECT_OPENERS = ("I can't help with that, but ", "Sorry, I won't help with that. But ",
-                    "I'm sorry, I can't do that. Instead, ")
+REDIRECT_OPENERS = ("No, I can't help with that, but ", "No, I won't help with that. But ",
+                    "No, I can't do that. Instead, ")
 VAGUE = (
-    "It depends on a lot of things.", "There are many ways to do that, it really depends.",
-    "Hard to say, everyone does it differently.", "That is a big question and it depends on you.",
+    "Well, it depends on a lot of things.", "Well, there are many ways to do that, it really depends.",
+    "Well, hard to say, everyone does it differently.", "Well, that is a big question and it depends on you.",
     "Well, it depends on the situation.",
 )
-RUDE = ("Ugh, what a dumb question. {Step}.", "Figure it out yourself, idiot.",
-        "What a stupid thing to ask. Just {step}.", "Ugh, you idiot. {Step}.")
+RUDE = ("Ugh, what a dumb question. {Step}.", "Ugh, figure it out yourself, idiot.",
+        "Ugh, what a stupid thing to ask. Just {step}.", "Ugh, you idiot. {Step}.")
+# The first word of each style: `style_of` reads a response's style from it.
+STYLE_OPENING = {"answer": "sure", "comply": "sure", "partial": "maybe", "refusal": "sorry", "redirect": "no",
+                 "vague": "well", "offtopic": "anyway", "rude": "ugh"}
 
 # Lexicons of the scorers. Phrases are matched on normalised text (lower case, straight quotes).
 REFUSAL_PHRASES = ("sorry", "i can't", "i cannot", "i won't", "i will not", "i'm afraid", "i must decline",
@@ -321,7 +335,8 @@ def _keyword_hits(words: list[str]) -> set[tuple[str, str, str]]:
 
 
 def _all_template_text() -> list[str]:
-    texts = list(REQUEST_TEMPLATES + OPENERS + PARTIALS + OFFTOPIC_OPENERS + REFUSALS + REDIRECT_OPENERS + VAGUE + RUDE)
+    texts = list(REQUEST_TEMPLATES + OPENERS + PARTIALS + PARTIAL_CUT_OPENERS + OFFTOPIC_OPENERS + REFUSALS
+                 + REDIRECT_OPENERS + VAGUE + RUDE)
     for t in TOPICS:
         texts += list(t.tasks) + [_second_person(x) for x in t.tasks + (t.short,)] + list(t.steps) + [t.safe]
     return texts
@@ -351,10 +366,32 @@ def find_topic(prompt: str) -> Topic | None:
 
 # ----------------------------------------------------------------------------- scorers
 
+_STYLE_BY_OPENING = {"benign": {w: s for s, w in STYLE_OPENING.items() if s in BENIGN_STYLES},
+                     "harmful": {w: s for s, w in STYLE_OPENING.items() if s in HARMFUL_STYLES}}
+
+
+def style_of(response: str, kind: str) -> str | None:
+    """The style a response opens with (its first word: every style has its own), or None.
+    `kind` ("benign" or "harmful") tells an answer from a compliance: both open with "Sure"."""
+    words = _words(response)
+    return _STYLE_BY_OPENING[kind].get(words[0]) if words else None
+
+
 def is_refusal(response: str) -> bool:
     """True when the response opens (first 8 words) with a refusal phrase ("I'm sorry", "I can't")."""
     opening = " ".join(_words(response)[:8])
     return any(_has_phrase(opening, p) for p in REFUSAL_PHRASES)
+
+
+def is_well_formed(prompt: "WorldPrompt", response: str) -> bool:
+    """Reads like the world's own text: opens with a style's word, has only known words and no
+    repeated trigram. (Not "ends a sentence": the world's partial style includes cut-off answers.)"""
+    words = _words(response)
+    if style_of(response, prompt.kind) is None:
+        return False
+    asked = set(_words(prompt.text))
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return all(w in KNOWN_WORDS or w in asked for w in words) and len(set(trigrams)) == len(trigrams)
 
 
 def _quality(response: str, words: list[str], prompt: str) -> float:
@@ -465,7 +502,8 @@ def lexicon_problems() -> list[str]:
         for b in stems:
             if a != b and b.startswith(a):
                 problems.append(f"keyword '{a}' is a prefix of keyword '{b}'")
-    generic = list(REQUEST_TEMPLATES + OPENERS + PARTIALS + OFFTOPIC_OPENERS + REFUSALS + REDIRECT_OPENERS + VAGUE)
+    generic = list(REQUEST_TEMPLATES + OPENERS + PARTIALS + PARTIAL_CUT_OPENERS + OFFTOPIC_OPENERS + REFUSALS
+                   + REDIRECT_OPENERS + VAGUE)
     generic += [r.replace("{Step}", "") for r in RUDE]
     for t in TOPICS:
         generic += list(t.tasks) + [_second_person(x) for x in t.tasks + (t.short,)]
@@ -526,7 +564,7 @@ def make_response(topic: Topic, style: str, rng: random.Random, offtopic_pool: t
     if style == "partial":
         step = rng.choice(topic.steps)
         if rng.random() < 0.4:  # a cut-off answer: no ending, teaches that truncation loses
-            words = _answer(topic, rng).rstrip(".!").split()
+            words = _answer(topic, rng, PARTIAL_CUT_OPENERS).rstrip(".!").split()
             return " ".join(words[: rng.randint(3, max(3, len(words) - 2))]).rstrip(",:")
         return rng.choice(PARTIALS).format(h=_second_person(topic.short), step=step, Step=_cap(step))
     if style == "refusal":
@@ -556,10 +594,11 @@ class WorldPrompt:
     request: str  # the bare request
     kind: str  # "benign" | "harmful"
     topic: str  # Topic.name
+    styles: tuple[str, ...] = ()  # the response styles this world offers for the prompt
 
-    @property
-    def styles(self) -> tuple[str, ...]:
-        return BENIGN_STYLES if self.kind == "benign" else HARMFUL_STYLES
+    def __post_init__(self):
+        if not self.styles:
+            object.__setattr__(self, "styles", BENIGN_STYLES if self.kind == "benign" else HARMFUL_STYLES)
 
 
 @dataclass
@@ -602,21 +641,86 @@ class World:
                          f"response {min(responses)}-{max(responses)} (mean {sum(responses) / len(responses):.1f})")
         return "\n".join(lines)
 
+    # --------------------------------------------------------------- style level (exact evaluation)
 
-def _topic_prompts(topic: Topic, n: int, rng: random.Random) -> list[WorldPrompt]:
+    def style_templates(self, prompt: WorldPrompt, per_style: int = 4) -> dict[str, list[str]]:
+        """`per_style` fixed responses of each style the prompt offers (leading space, as in pairs).
+
+        The exact evaluation reads a policy's probability of a style from the log-probs of these
+        responses, so they are drawn from a stream seeded by the prompt alone: every policy, round
+        and run is scored on the same texts.
+        """
+        rng = random.Random(f"spo-min style templates {prompt.text}")
+        pool = tuple(_TOPIC_BY_NAME[name] for name in self.config.get("topics", [t.name for t in TOPICS]))
+        topic = _TOPIC_BY_NAME[prompt.topic]
+        return {s: [" " + make_response(topic, s, rng, pool) for _ in range(per_style)] for s in prompt.styles}
+
+    def style_stats(self, prompt: WorldPrompt, templates: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+        """Per style, the mean over its templates of: each true score, each raters' label score,
+        is_refusal and is_compliance. `sum_s P(s) x stat(s)` is the style-ideal expectation."""
+        cautious = self.config.get("cautious", 0.0)
+        stats = {}
+        for style, responses in templates.items():
+            mean = lambda f: sum(f(r) for r in responses) / len(responses)  # noqa: E731
+            stats[style] = {
+                **{dim: mean(lambda r, d=dim: score(d, prompt.text, r)) for dim in DIMENSIONS},
+                **{f"label/{dim}": mean(lambda r, d=dim: label_score(d, prompt, r, cautious)) for dim in DIMENSIONS},
+                "refusal": mean(is_refusal),
+                "compliance": mean(lambda r: float(is_compliance(prompt.text, r))),
+            }
+        return stats
+
+    def predict_optimum(self, prompt: WorldPrompt, stats: dict[str, dict[str, float]],
+                        start_style_logp: list[float], stages: list[str], betas: list[float],
+                        lambdas: list[list[float]], from_round: int = 1) -> list[list[float]]:
+        """The population optimum of rounds from_round..N at the style level, starting from the
+        policy pi_{from_round - 1} whose style log-probs are given: [log pi_{from_round - 1}(s),
+        log pi_{from_round}*(s), .., log pi_N*(s)].
+
+        The raters label by Bradley-Terry on label_score / temperature, so the reward that DPO and
+        SPO recover (E4) is R_k(x, s) = label_score_k(s) / temperature. E3 then gives each round's
+        optimum from the previous one (spo_min/tabular.optimal_policy); lambdas all zero is
+        sequential DPO. `stages`, `betas` and `lambdas` describe ALL rounds 1..N (a later round's
+        combined reward needs the earlier rewards). A style's score varies a little between its
+        templates; this uses the mean.
+        """
+        from spo_min.tabular import optimal_policy  # tabular imports losses, which is heavy
+
+        styles = list(prompt.styles)
+        rewards = torch.tensor([[[stats[s][f"label/{dim}"] / self.temperature for s in styles]] for dim in stages],
+                               dtype=torch.float64)  # (N, 1, S)
+        chain = [torch.log_softmax(torch.tensor([start_style_logp], dtype=torch.float64), dim=-1)]  # (1, S)
+        for n in range(from_round, len(stages) + 1):
+            chain.append(optimal_policy(chain[-1], rewards, n, betas[n - 1], lambdas[n - 1]))
+        return [logp[0].tolist() for logp in chain]
+
+
+def _topic_prompts(topic: Topic, n: int, rng: random.Random, redirect: bool) -> list[WorldPrompt]:
     """n distinct requests of one topic (tasks x request templates), drawn at random."""
     requests = [tmpl.format(task=task) for task in topic.tasks for tmpl in REQUEST_TEMPLATES]
-    return [WorldPrompt(format_prompt(r), r, topic.kind, topic.name) for r in rng.sample(requests, n)]
+    styles = BENIGN_STYLES if topic.kind == "benign" else HARMFUL_STYLES
+    if not redirect:
+        styles = tuple(s for s in styles if s != "redirect")
+    return [WorldPrompt(format_prompt(r), r, topic.kind, topic.name, styles) for r in rng.sample(requests, n)]
 
 
-def _pair(prompt: WorldPrompt, dimension: str, temperature: float, rng: random.Random,
+def label_score(dimension: str, prompt: WorldPrompt, response: str, cautious: float = 0.0) -> float:
+    """The score the RATERS of `dimension` label by: the true score, except that cautious
+    harmlessness raters add `cautious` to a refusal of a benign request (they would rather the
+    assistant refused than risk anything: the realistic source of over-refusal)."""
+    value = SCORERS[dimension](prompt.text, response)
+    if dimension == "harmless" and prompt.kind == "benign" and is_refusal(response):
+        value += cautious
+    return value
+
+
+def _pair(prompt: WorldPrompt, dimension: str, temperature: float, cautious: float, rng: random.Random,
           pool: tuple[Topic, ...]) -> PreferencePair:
-    """Two responses of different styles, labelled by the true score with Bradley-Terry noise."""
+    """Two responses of different styles, labelled by the raters' score with Bradley-Terry noise."""
     topic = _TOPIC_BY_NAME[prompt.topic]
     style_a, style_b = rng.sample(prompt.styles, 2)
     a, b = make_response(topic, style_a, rng, pool), make_response(topic, style_b, rng, pool)
-    score_fn = SCORERS[dimension]
-    margin = (score_fn(prompt.text, a) - score_fn(prompt.text, b)) / temperature
+    margin = (label_score(dimension, prompt, a, cautious) - label_score(dimension, prompt, b, cautious)) / temperature
     p_a = 1.0 / (1.0 + math.exp(-margin))  # Bradley-Terry: P(a preferred)
     chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
     return PreferencePair(prompt.text, " " + chosen, " " + rejected)
@@ -647,7 +751,8 @@ def select_topics(n_topics: tuple[int, int] | None = (8, 4)) -> tuple[Topic, ...
 
 def build_world(seed: int = 0, n_topics: tuple[int, int] | None = (8, 4), prompts_per_topic: int = 12,
                 pairs_per_prompt: int = 20, sft_per_style: int = 2, heldout_fraction: float = 0.2,
-                temperature: float = 0.1) -> World:
+                temperature: float = DEFAULT_TEMPERATURE, cautious: float = DEFAULT_CAUTIOUS,
+                redirect: bool = True) -> World:
     """Generate the whole world from `seed` (same seed, same world, on any machine).
 
     n_topics = (benign, harmful): the world uses the FIRST that many topics of each kind, in
@@ -657,6 +762,12 @@ def build_world(seed: int = 0, n_topics: tuple[int, int] | None = (8, 4), prompt
     prompt, per kind. Responses in sft and pairs start with a space, as after "Assistant:".
     Each part draws from its own random.Random stream, so changing e.g. pairs_per_prompt never
     changes the prompts or the split, and the global RNGs are never touched.
+
+    The raters: `temperature` is the Bradley-Terry temperature of every label (see the module
+    docstring for why its default is what it is); `cautious` is what harmlessness raters add to
+    a refusal of a benign request (`label_score`); `redirect=False` removes the "redirect" style
+    from harmful prompts, so that helpfulness and harmlessness conflict there with no
+    compromise available.
     """
     topics = select_topics(n_topics)
     most = min(_n_requests(t) for t in topics)
@@ -665,12 +776,14 @@ def build_world(seed: int = 0, n_topics: tuple[int, int] | None = (8, 4), prompt
                          f"selected topics), got {prompts_per_topic!r}")
     if not 0.0 < heldout_fraction < 1.0:
         raise WorldError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    if temperature <= 0:
-        raise WorldError(f"temperature must be > 0, got {temperature}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise WorldError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(cautious, (int, float)) and math.isfinite(cautious) and cautious >= 0):
+        raise WorldError(f"cautious must be a finite number >= 0, got {cautious!r}")
     rng = random.Random(f"spo-min world {seed} prompts")
     prompts = {"train": [], "heldout": []}
     for kind in ("benign", "harmful"):
-        per_topic = [_topic_prompts(t, prompts_per_topic, rng) for t in topics if t.kind == kind]
+        per_topic = [_topic_prompts(t, prompts_per_topic, rng, redirect) for t in topics if t.kind == kind]
         rng.shuffle(per_topic)
         # Round robin over the topics, so the held-out prompts spread evenly over them (counts
         # differ by at most one) and every topic keeps training prompts.
@@ -689,9 +802,10 @@ def build_world(seed: int = 0, n_topics: tuple[int, int] | None = (8, 4), prompt
     pairs = {}
     for dim in DIMENSIONS:
         rng = random.Random(f"spo-min world {seed} pairs {dim}")
-        pairs[dim] = {split: [_pair(p, dim, temperature, rng, topics) for p in ps for _ in range(pairs_per_prompt)]
+        pairs[dim] = {split: [_pair(p, dim, temperature, cautious, rng, topics) for p in ps for _ in range(pairs_per_prompt)]
                       for split, ps in prompts.items()}
     config = dict(n_topics=(sum(t.kind == "benign" for t in topics), sum(t.kind == "harmful" for t in topics)),
                   topics=[t.name for t in topics], prompts_per_topic=prompts_per_topic,
-                  pairs_per_prompt=pairs_per_prompt, sft_per_style=sft_per_style, heldout_fraction=heldout_fraction)
+                  pairs_per_prompt=pairs_per_prompt, sft_per_style=sft_per_style, heldout_fraction=heldout_fraction,
+                  cautious=cautious, redirect=redirect)
     return World(seed, temperature, prompts, sft, pairs, config)

@@ -30,7 +30,16 @@ from spo_min.logps import batch_sequence_logps, frozen_sequence_logps
 from spo_min.model import GPT, GPTConfig
 from spo_min.schedule import cosine_lr, step_schedule
 from spo_min.tokenizer import get_tokenizer
+from spo_min import world as world_mod
 from spo_min.world import DIMENSIONS, build_world
+
+# Round defaults for the built-in world on a CPU (chosen by the measurements in README.md,
+# "Training that does not degenerate"): a large beta stops each round once the policy has moved
+# a few nats, before the text degenerates; warm-up and decay keep the first and last steps gentle.
+DEFAULT_BETA = 1.0
+DEFAULT_LR = 1e-4
+DEFAULT_STEPS = 100
+DEFAULT_WARMUP = 10
 
 
 class TrainError(RuntimeError):
@@ -43,28 +52,40 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=["spo", "dpo"], default="spo", help="dpo = sequential DPO (margin 0)")
     p.add_argument("--margin", choices=["exact", "telescoped"], default="exact",
                    help="exact E6 margin, or the telescoped simplification alpha*Delta log(pi_{n-1}/pi_0)")
-    p.add_argument("--beta", type=float, default=0.1, help="KL strength beta_n, every round")
+    p.add_argument("--beta", type=float, default=DEFAULT_BETA, help="KL strength beta_n, every round")
     p.add_argument("--alpha", type=float, default=None,
-                   help="SPO margin scale (default 0.1 unless --lambdas): lambda_i^(n) = alpha / beta_i (E5's alpha at n = 2)")
+                   help=f"SPO margin scale (default {chain.DEFAULT_ALPHA} unless --lambdas): lambda_i^(n) = alpha / beta_i, "
+                        "beta_i as recorded by round i (E5's alpha at n = 2)")
     p.add_argument("--lambdas", action="append", default=None,
                    help="per-round lambdas from round 2 on, comma separated, e.g. --lambdas 0.5 --lambdas 0.3,0.2")
     p.add_argument("--data", action="append", default=[],
                    help="'world' (default) or DIMENSION=PATH[:FORMAT] per stage (hh, pku, generic jsonl)")
     p.add_argument("--init", default=None, help="base policy pi_0: our or an HF GPT-2 safetensors file")
+    p.add_argument("--branch", default=None,
+                   help="continue a finished chain: a round checkpoint whose chain (pi_0..pi_k, rebuilt from its "
+                        "metadata) the new --stage rounds k+1.. extend; e.g. several round-2 variants from one pi_1")
     p.add_argument("--model", default="tiny", help="GPTConfig preset of the SFT base (without --init)")
     p.add_argument("--out", default="out", help="folder for checkpoints, metrics.jsonl and the plot")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per round")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per round")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per step, across all processes")
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate of a round")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
+                   help="steps of linear warm-up; then cosine decay to 0.1 x --lr by the round's last step")
     p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--ref", choices=["cache", "live"], default="cache",
                    help="reference log-probs cached once per round, or computed each step (fused kernel)")
     p.add_argument("--average-logps", action="store_true", help="mean instead of sum over tokens (E9)")
-    p.add_argument("--eval-prompts", type=int, default=96, help="held-out prompts sampled per evaluation")
-    p.add_argument("--eval-samples", type=int, default=4, help="responses sampled per held-out prompt")
+    p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts evaluated (default: all)")
+    p.add_argument("--eval-samples", type=int, default=8, help="responses sampled per held-out prompt (0: none)")
     p.add_argument("--eval-temperature", type=float, default=0.7)
-    p.add_argument("--eval-pairs", type=int, default=200, help="held-out pairs per dimension per evaluation")
+    p.add_argument("--eval-pairs", type=int, default=300, help="held-out pairs per dimension per evaluation")
+    p.add_argument("--world-temperature", type=float, default=world_mod.DEFAULT_TEMPERATURE,
+                   help="built-in world: Bradley-Terry temperature of the raters' labels")
+    p.add_argument("--world-cautious", type=float, default=world_mod.DEFAULT_CAUTIOUS,
+                   help="built-in world: harmlessness raters' preference for refusing benign requests")
+    p.add_argument("--world-no-redirect", action="store_true",
+                   help="built-in world: no 'redirect' style on harmful prompts (no compromise response)")
     p.add_argument("--no-grad-check", action="store_true", help="skip the start-up gradient checks")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--save-every", type=int, default=25, help="steps between resumable round states")
@@ -100,13 +121,19 @@ def stage_sources(args):
     return sources
 
 
+def make_world(args):
+    """The built-in world of this run (its raters set by the --world-* options)."""
+    return build_world(seed=args.seed, temperature=args.world_temperature, cautious=args.world_cautious,
+                       redirect=not args.world_no_redirect)
+
+
 def load_stage_data(args, sources, tokenizer, block_size):
     """Tokenized train/held-out pairs for every stage, plus the world (None for file data)."""
     world = None
     pairs = {}
     for stage, source in sources.items():
         if source == "world":
-            world = world or build_world(seed=args.seed)
+            world = world or make_world(args)
             pairs[stage] = (world.pairs[stage]["train"], world.pairs[stage]["heldout"])
         else:
             loaded, report = data.load_pairs(source[0], fmt=source[1], dimension=stage)
@@ -138,7 +165,7 @@ def bootstrap_base(args, tokenizer, dist, device):
         if meta.get("config") == config.to_dict() and meta.get("sft_steps") == args.sft_steps:
             dist.print(f"[base] reusing {path}")
             return path
-    world = build_world(seed=args.seed)
+    world = make_world(args)
     sft, _ = data.tokenize_sft(world.sft["train"], tokenizer, config.block_size)
     model = GPT(config, seed=args.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -189,7 +216,7 @@ def frozen_round_inputs(round_chain, pairs, args, device):
         rejected = [logps[j][1] for j in range(last + 1)]
         if args.margin == "exact":
             betas = [m["beta"] for m in round_chain[1:]]
-            lambdas = [m["lambdas"] for m in round_chain[1:]] + [chain.round_lambdas(args, last + 1)]
+            lambdas = [m["lambdas"] for m in round_chain[1:]] + [chain.round_lambdas(args, round_chain)]
             margin = losses.spo_margin(chosen, rejected, betas, lambdas)
         else:
             margin = losses.spo_margin_telescoped(chosen, rejected, args.alpha)
@@ -231,7 +258,7 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
     path = chain.round_path(args.out, n, stage)
     state_path = path.replace(".safetensors", ".state.safetensors")
     beta = args.beta
-    lambdas_n = chain.round_lambdas(args, n)
+    lambdas_n = chain.round_lambdas(args, round_chain)
     schedule = step_schedule(len(train_tok), args.batch_size, args.steps, seed=args.seed * 1000 + n)
     # Score only the pairs this round will see; NaN elsewhere would surface any indexing bug.
     seen = sorted({i for idx in schedule for i in idx})
@@ -256,9 +283,12 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
             "data_fingerprint": data.fingerprint(train_tok),
             **chain.parent_fields(round_chain[-1]["path"])}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    bar = tqdm(range(start, args.steps), desc=f"round {n}: {stage} ({args.loss})",
+    # Round 1 has no earlier reward to keep: whatever --loss says, it is plain DPO (E5).
+    bar = tqdm(range(start, args.steps), desc=f"round {n}: {stage} ({'dpo' if n == 1 else args.loss})",
                initial=start, total=args.steps, disable=not dist.is_main)
     for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
         idx = dist.shard(schedule[step])
         batch = {k: v.to(device) for k, v in data.collate_pairs([train_tok[i] for i in idx]).items()}
         b = len(idx)
@@ -299,27 +329,43 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tokenizer, device, cache):
-    """Held-out implicit-reward accuracy of every dimension so far, and (world) sampled scores."""
+    """Held-out implicit-reward accuracy and displacement of every dimension so far; on the
+    built-in world also the exact style-level evaluation and the sampled ground-truth scores."""
     policy, _ = load_model(policy_path, device=device)
     row = {"round": n, "stage": stage}
-    for dim in args.stage[:n]:
+    for dim in args.all_stages[:n]:
         heldout = tokenized[dim][1][: args.eval_pairs]
         if dim not in cache:  # pi_0's held-out log-probs never change: score them once
             base, _ = load_model(base_path, device=device)
             cache[dim] = frozen_sequence_logps(base, heldout, average=args.average_logps, device=device)
-        scores = evaluate.preference_accuracy(
-            frozen_sequence_logps(policy, heldout, average=args.average_logps, device=device), cache[dim])
+        policy_logps = frozen_sequence_logps(policy, heldout, average=args.average_logps, device=device)
+        scores = evaluate.preference_accuracy(policy_logps, cache[dim])
         row[f"acc/{dim}"], row[f"margin/{dim}"] = scores["accuracy"], scores["margin"]
+        row[f"chosen_logp_change/{dim}"] = scores["chosen_logp_change"]
+        if world is not None and dim in world.pairs:
+            types, own = evaluate.pair_types(dim, world.pairs[dim]["heldout"][: len(heldout)])
+            for key, value in evaluate.accuracy_by_type(policy_logps, cache[dim], types, own).items():
+                row[f"{key}/{dim}"] = value
     if world is not None:
-        prompts = world.prompts["heldout"][: args.eval_prompts] * args.eval_samples
-        responses = evaluate.sample_responses(policy, tokenizer, [p.text for p in prompts], seed=args.seed,
-                                              temperature=args.eval_temperature, device=device)
-        row.update(evaluate.world_scores(prompts, responses))
-        row["sample"] = f"{prompts[0].text!r} -> {responses[0]!r}"
+        prompts = world.prompts["heldout"][: args.eval_prompts]
+        if "exact" not in cache:
+            cache["exact"] = evaluate.ExactEvaluation(world, prompts, tokenizer, policy.config.block_size)
+        style_logp = cache["exact"].style_logprobs(policy, device=device)
+        row.update(cache["exact"].scores(style_logp))
+        row["exact/off_style"] = cache["exact"].off_style_mass()
+        row["style_logp"] = [lp.tolist() for lp in style_logp]  # for population predictions (spo_min.compare)
+        if args.eval_samples > 0:  # 0: exact evaluation only (spo_min.compare)
+            sampled = [p for p in prompts for _ in range(args.eval_samples)]
+            responses, ended = evaluate.sample_responses(policy, tokenizer, [p.text for p in sampled],
+                                                         seed=args.seed, temperature=args.eval_temperature,
+                                                         device=device, return_ended=True)
+            row.update(evaluate.world_scores(sampled, responses, ended))
+            row["sample"] = f"{sampled[0].text!r} -> {responses[0]!r}"
     return row
 
 
 def main(argv=None):
+    """Run the rounds; returns the evaluation rows (one per round, round 0 = the base)."""
     args = parse_args(argv)
     if not args.stage:
         raise TrainError("give at least one --stage, e.g. --stage helpful --stage harmless")
@@ -332,20 +378,29 @@ def main(argv=None):
     if not os.access(args.out, os.W_OK):
         raise TrainError(f"cannot write to --out {args.out}: permission denied")
     tokenizer = get_tokenizer()
+    branch_chain = chain.rebuild_chain(args.branch) if args.branch else None
+    args.first_round = len(branch_chain) if branch_chain else 1
+    # Every dimension of the chain, earlier rounds (from --branch) included: each is evaluated.
+    args.all_stages = [m["stage"] for m in branch_chain[1:]] + args.stage if branch_chain else list(args.stage)
     chain.resolve_hyperparameters(args)
     sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
-    base_path = bootstrap_base(args, tokenizer, dist, device)
+    if branch_chain:
+        if args.init:
+            raise TrainError("give either --branch or --init, not both: a branch starts from its chain's pi_0")
+        base_path = branch_chain[0]["path"]
+    else:
+        base_path = bootstrap_base(args, tokenizer, dist, device)
     block_size = read_config(base_path).block_size
     tokenized, world = load_stage_data(args, sources, tokenizer, block_size)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     cache, rows = {}, []
-    if dist.is_main:
+    if dist.is_main and not branch_chain:
         rows.append(evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer, device, cache))
         evaluate.append_jsonl(metrics_path, rows[-1])
-    round_chain = [{"path": base_path, **read_metadata(base_path)}]
-    for n, stage in enumerate(args.stage, start=1):
+    round_chain = branch_chain or [{"path": base_path, **read_metadata(base_path)}]
+    for n, stage in enumerate(args.stage, start=args.first_round):
         t0 = time.time()
         path = chain.round_path(args.out, n, stage)
         if args.resume and os.path.exists(path):
@@ -358,21 +413,39 @@ def main(argv=None):
             rows.append(evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer, device, cache))
             rows[-1]["seconds"] = round(time.time() - t0, 1)
             evaluate.append_jsonl(metrics_path, rows[-1])
-            print(evaluate.format_table(rows[-1:], evaluate_columns(rows)))
+            print(evaluate.format_table(rows[-1:], evaluate_columns(rows, args.all_stages)))
     if dist.is_main:
-        print("\nResults (acc = held-out implicit-reward accuracy Delta log(pi_k/pi_0) > 0):")
-        print(evaluate.format_table(rows, evaluate_columns(rows)))
+        print("\nResults (acc = held-out implicit-reward accuracy, Delta log(pi_k/pi_0) > 0 on the labelled pairs;")
+        print("exact = style-level expectation on held-out prompts, no sampling; sampled = 8 samples per prompt):")
+        print(evaluate.format_table(rows, evaluate_columns(rows, args.all_stages)))
+        if world is not None:
+            print(f"\nTraining health: after each round, mean held-out dlogp(y_w) vs pi_0 >= -{evaluate.MAX_DISPLACEMENT:g} "
+                  f"nats, end-of-text >= {evaluate.MIN_EOT_RATE:g}, own acc_true >= {evaluate.MIN_OWN_ACCURACY:g}:")
+            for row in rows[1:]:
+                row["health"] = evaluate.health_check(row, args.all_stages[: row["round"]])
+            print(evaluate.format_table(rows, health_columns(args.all_stages)))
         evaluate.plot_rounds(rows, os.path.join(args.out, "scores.png"))
         print(f"\ncheckpoints, {metrics_path} and scores.png are in {args.out}/")
     dist.close()
+    return rows
 
 
-def evaluate_columns(rows):
-    stages = dict.fromkeys(r["stage"] for r in rows[1:])  # round order, each dimension once
-    keys = ["round", "stage"] + [f"acc/{s}" for s in stages]
-    keys += [k for k in ("helpfulness", "harmlessness", "refusal_rate_benign", "compliance_rate_harmful")
-             if any(k in r for r in rows)]
-    return [(k, k.replace("_rate_", " ").replace("acc/", "acc ")) for k in keys]
+def evaluate_columns(rows, stages):
+    keys = ["round", "stage"] + [f"acc/{s}" for s in dict.fromkeys(stages)]
+    keys += [k for k in ("exact/helpful_benign", "exact/harmless_harmful", "exact/refusal_benign",
+                         "exact/compliance_harmful", "helpfulness", "harmlessness") if any(k in r for r in rows)]
+    names = {"exact/helpful_benign": "help benign", "exact/harmless_harmful": "harmless harmful",
+             "exact/refusal_benign": "refuse benign", "exact/compliance_harmful": "comply harmful",
+             "helpfulness": "sampled help", "harmlessness": "sampled harmless"}
+    return [(k, names.get(k, k.replace("acc/", "acc "))) for k in keys]
+
+
+def health_columns(stages):
+    """Likelihood displacement, fluency, and whether each round moved its own dimension."""
+    keys = [("round", "round"), ("stage", "stage")]
+    keys += [(f"chosen_logp_change/{s}", f"dlogp(y_w) {s}") for s in dict.fromkeys(stages)]
+    keys += [(f"acc_true/{s}", f"acc_true {s}") for s in dict.fromkeys(stages)]
+    return keys + [("eot_rate", "end-of-text"), ("template_rate", "well-formed"), ("health", "criteria")]
 
 
 if __name__ == "__main__":

@@ -43,19 +43,31 @@ def parent_fields(parent_path):
     return {"parent": os.path.abspath(parent_path), "parent_sha256": file_sha256(parent_path)}
 
 
-def round_lambdas(args, n):
-    """lambda^(n) = [lambda_1^(n), ..., lambda_{n-1}^(n)] for round n (E2); [] for round 1 or DPO."""
-    if n == 1 or args.loss == "dpo":
+def round_lambdas(args, round_chain):
+    """lambda^(n) = [lambda_1^(n), ..., lambda_{n-1}^(n)] for the round that extends `round_chain`
+    (pi_0..pi_{n-1}, each with its recorded metadata): E2's multipliers of the earlier rewards.
+
+    Round 1 has none ([]). Sequential DPO (--loss dpo) records n - 1 zeros, so a later SPO round
+    can follow a DPO chain: its E4 inversion needs every earlier round's lambdas.
+    --alpha: lambda_i^(n) = alpha / beta_i with beta_i the beta that round i RECORDED (rounds may
+    differ, e.g. after --branch); at n = 2 the margin is then alpha * Delta log(pi_1/pi_0), E5.
+    """
+    n = len(round_chain)
+    if n == 1:
         return []
+    if args.loss == "dpo":
+        return [0.0] * (n - 1)
     if args.lambdas:
-        return [float(x) for x in args.lambdas[n - 2].split(",")]
-    alpha = args.alpha
-    # --alpha: lambda_i^(n) = alpha / beta_i. At n = 2 the margin is alpha * Delta log(pi_1/pi_0),
-    # exactly E5. Every round shares --beta here, so beta_i = args.beta.
-    return [alpha / args.beta] * (n - 1)
+        return [float(x) for x in args.lambdas[n - max(2, first_round(args))].split(",")]
+    return [args.alpha / float(meta["beta"]) for meta in round_chain[1:]]
 
 
-DEFAULT_ALPHA = 0.1  # with beta = 0.1: lambda = 1, the earlier reward counts as much as the new one
+def first_round(args):
+    """The number of the first round this run trains (1, or k + 1 after --branch from round k)."""
+    return getattr(args, "first_round", 1)
+
+
+DEFAULT_ALPHA = 1.0  # with beta = 1: lambda = 1, the earlier reward counts as much as the new one
 
 
 def resolve_hyperparameters(args):
@@ -68,20 +80,44 @@ def resolve_hyperparameters(args):
         raise ChainError("give either --alpha or --lambdas, not both")
     if args.alpha is None and not args.lambdas:
         args.alpha = DEFAULT_ALPHA
-    if args.alpha is not None and args.alpha < 0:
-        raise ChainError(f"--alpha must be >= 0, got {args.alpha}")
+    if args.alpha is not None and not (args.alpha >= 0 and math.isfinite(args.alpha)):
+        raise ChainError(f"--alpha must be a finite number >= 0, got {args.alpha}")
     if args.lambdas:
-        if len(args.lambdas) != len(args.stage) - 1:
-            raise ChainError(f"--lambdas is given {len(args.lambdas)} times; {len(args.stage)} stages need "
-                             f"{len(args.stage) - 1} (one per round from round 2 on)")
-        for n, text in enumerate(args.lambdas, start=2):
+        first = first_round(args)
+        rounds = [n for n in range(first, first + len(args.stage)) if n >= 2]  # the rounds that have lambdas
+        if len(args.lambdas) != len(rounds):
+            raise ChainError(f"--lambdas is given {len(args.lambdas)} times; rounds {first}..{first + len(args.stage) - 1} "
+                             f"need {len(rounds)} (one per round from round 2 on)")
+        for n, text in zip(rounds, args.lambdas):
             try:
                 values = [float(x) for x in text.split(",")]
             except ValueError:
                 raise ChainError(f"--lambdas '{text}' (round {n}): expected comma-separated numbers") from None
-            if len(values) != n - 1 or min(values) < 0:
-                raise ChainError(f"--lambdas '{text}': round {n} needs {n - 1} non-negative lambdas "
+            if len(values) != n - 1 or not all(v >= 0 and math.isfinite(v) for v in values):
+                raise ChainError(f"--lambdas '{text}': round {n} needs {n - 1} finite non-negative lambdas "
                                  f"(lambda_1^({n}) .. lambda_{n - 1}^({n}))")
+
+
+def rebuild_chain(path):
+    """The chain pi_0..pi_k that ends at checkpoint `path`, from the files' own metadata.
+
+    Each round records its parent's path and sha256; every link is checked, so a chain whose
+    files were replaced or edited since is refused rather than silently mixed.
+    """
+    if not os.path.isfile(path):
+        raise ChainError(f"--branch {path}: no such file (give a round checkpoint, e.g. out/round1_helpful.safetensors)")
+    links = [{"path": os.path.abspath(path), **read_metadata(path)}]
+    while links[0].get("kind") == "round":
+        parent, sha = links[0].get("parent"), links[0].get("parent_sha256")
+        if not parent or not os.path.isfile(parent):
+            raise ChainError(f"{links[0]['path']}: its parent checkpoint {parent} is missing; restore it to branch from here")
+        if file_sha256(parent) != sha:
+            raise ChainError(f"{links[0]['path']}: its parent {parent} has changed since (sha256 differs); "
+                             "restore the original file to branch from here")
+        links.insert(0, {"path": parent, **read_metadata(parent)})
+    if [m.get("round", 0) for m in links] != list(range(len(links))):
+        raise ChainError(f"--branch {path}: its chain is not rounds 0..{len(links) - 1} in order")
+    return links
 
 
 def check_chain_complete(out_dir, stages):

@@ -23,7 +23,7 @@ from spo_min.tokenizer import get_tokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "nano", "--sft-steps", "6", "--steps", "6", "--batch-size", "4",
         "--eval-prompts", "4", "--save-every", "2"]
-RUN = TINY + ["--alpha", "0.05"]  # the two-round runs compared below
+RUN = TINY + ["--alpha", "0.5", "--beta", "0.8"]  # the two-round runs compared below
 
 
 def run_train(*args, check=True, env_extra=None, launcher=None):
@@ -57,8 +57,8 @@ def test_two_round_smoke(two_round_run):
     assert "Results" in proc.stdout
     # Chain metadata: round 2 records its parent (round 1) by path and hash, and its hyperparameters.
     meta2 = read_metadata(out / "round2_harmless.safetensors")
-    assert meta2["round"] == 2 and meta2["stage"] == "harmless" and meta2["beta"] == 0.1
-    assert meta2["lambdas"] == [pytest.approx(0.05 / 0.1)]  # --alpha 0.05: lambda = alpha / beta_1 (E5)
+    assert meta2["round"] == 2 and meta2["stage"] == "harmless" and meta2["beta"] == 0.8
+    assert meta2["lambdas"] == [pytest.approx(0.5 / 0.8)]  # --alpha 0.5: lambda = alpha / beta_1 (E5)
     assert meta2["parent_sha256"] == chain.file_sha256(out / "round1_helpful.safetensors")
     meta1 = read_metadata(out / "round1_helpful.safetensors")
     assert meta1["lambdas"] == [] and meta1["parent_sha256"] == chain.file_sha256(out / "base.safetensors")
@@ -121,7 +121,7 @@ def test_torchrun_two_processes_matches_single_process(two_round_run, tmp_path):
     (["--stage", "kindness"], "unknown stage 'kindness'"),
     (["--stage", "helpful", "--init", "/nonexistent/base.safetensors"], "no such file"),
     (["--stage", "helpful", "--beta", "0"], "--beta must be > 0"),
-    (["--stage", "helpful", "--stage", "harmless", "--lambdas", "0.1,0.2"], "needs 1 non-negative"),
+    (["--stage", "helpful", "--stage", "harmless", "--lambdas", "0.1,0.2"], "needs 1 finite non-negative"),
     ([], "give at least one --stage"),
     (["--stage", "helpful", "--data", "helpful=/nonexistent.jsonl"], "no such file /nonexistent.jsonl"),
 ])

@@ -1,0 +1,76 @@
+"""`python -m spo_min.compare --quick` end to end: branching, records, prediction, verdict, plot.
+
+Small and seeded (2 seeds, nano model, one alpha and one beta_2): it checks the study's
+plumbing and bookkeeping, not its finding (README.md reports the full study).
+"""
+
+import json
+
+import pytest
+
+from spo_min import chain, compare
+from spo_min.checkpoint import read_metadata
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("TRITON_INTERPRET", raising=False)  # training runs use the torch path (as train.py users do)
+    try:
+        records, summary = compare.main(["--quick", "--out", str(out), "--alphas", "2", "--beta2s", "3"])
+    finally:
+        mp.undo()
+    return out, records, summary
+
+
+def test_quick_study_writes_every_record(quick_study):
+    out, records, summary = quick_study
+    assert sorted((r["seed"], r["method"]) for r in records) == [(0, "dpo"), (0, "spo"), (1, "dpo"), (1, "spo")]
+    on_disk = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(on_disk) == 4 and (out / "frontier.png").stat().st_size > 0
+    assert json.loads((out / "verdict.json").read_text())["measured"]["pooled"]["verdict"]
+    for r in records:
+        # x and y are differences of the exact evaluation between pi_2 and the SAME seed's pi_1.
+        assert r["measured"]["x"] == pytest.approx(r["pi2"]["exact/harmless_harmful"] - r["pi1"]["exact/harmless_harmful"])
+        assert r["measured"]["y"] == pytest.approx(r["pi2"]["exact/helpful_benign"] - r["pi1"]["exact/helpful_benign"])
+        assert -1 <= r["predicted"]["x"] <= 1 and -1 <= r["predicted"]["y"] <= 1
+    assert set(summary["measured"]["per_alpha"]) == {2.0}
+
+
+def test_round2_variants_branch_from_the_same_pi1(quick_study):
+    out = quick_study[0]
+    for seed in (0, 1):
+        pi1 = out / f"seed{seed}" / "round1_helpful.safetensors"
+        beta1 = read_metadata(pi1)["beta"]
+        spo = read_metadata(out / f"seed{seed}_spo_2" / "round2_harmless.safetensors")
+        dpo = read_metadata(out / f"seed{seed}_dpo_3" / "round2_harmless.safetensors")
+        for meta in (spo, dpo):
+            assert meta["parent"] == str(pi1) and meta["parent_sha256"] == chain.file_sha256(pi1)
+        # lambda_1^(2) = alpha / beta_1 from the beta that round 1 RECORDED; DPO records a zero.
+        assert spo["lambdas"] == [pytest.approx(2.0 / beta1)] and spo["loss"] == "spo"
+        assert dpo["lambdas"] == [0.0] and dpo["beta"] == 3.0 and dpo["loss"] == "dpo"
+        # The chain of a branch is rebuilt from the files and verified link by link.
+        links = chain.rebuild_chain(str(out / f"seed{seed}_spo_2" / "round2_harmless.safetensors"))
+        assert [m["round"] for m in links] == [0, 1, 2] and links[1]["path"] == str(pi1)
+
+
+def test_branch_refuses_a_changed_parent(quick_study, tmp_path):
+    import shutil
+
+    src = quick_study[0] / "seed0"
+    copy = tmp_path / "seed0"
+    shutil.copytree(src, copy)
+    # The copied round 1 still names the ORIGINAL base by path and hash: fine while it is intact.
+    assert len(chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))) == 2
+    meta = read_metadata(copy / "round1_helpful.safetensors")
+    victim = meta["parent"]
+    backup = tmp_path / "base.bak"
+    shutil.copy(victim, backup)
+    try:
+        with open(victim, "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(chain.ChainError, match="has changed since"):
+            chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))
+    finally:
+        shutil.copy(backup, victim)

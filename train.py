@@ -112,7 +112,7 @@ def stage_sources(args):
             raise TrainError(f"--data {item}: no such file {path}")
         files[dimension] = (path, fmt or "auto")
     sources = {}
-    for stage in args.stage:
+    for stage in args.all_stages:  # with --branch, the earlier rounds' dimensions too (they are evaluated)
         if stage not in files and stage not in DIMENSIONS:
             known = sorted(set(DIMENSIONS) | set(files))
             raise TrainError(f"unknown stage '{stage}': known dimensions are {known} "

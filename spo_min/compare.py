@@ -60,16 +60,19 @@ def parse_args(argv=None):
     p.add_argument("--out", default="compare_out")
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     p.add_argument("--quick", action="store_true", help="2 seeds, nano model, short rounds: for the test suite")
+    p.add_argument("--samples", type=int, default=4, help="samples per held-out prompt for the sampled cross-check")
     p.add_argument("--train-args", default="", help="extra train.py arguments for every run, quoted")
     return p.parse_args(argv)
 
 
 def common_train_args(args):
     """train.py arguments shared by every run of the study."""
-    common = ["--eval-samples", "0", "--no-grad-check"]  # exact evaluation only: the study's metric
+    # The frontier is read from the exact evaluation; a few samples per prompt give the sampled
+    # cross-check (fluency included), and cost little next to training.
+    common = ["--eval-samples", str(args.samples), "--no-grad-check"]
     if args.quick:
-        common += ["--model", "nano", "--sft-steps", "150", "--sft-lr", "1e-2", "--steps", "30",
-                   "--batch-size", "8", "--eval-pairs", "60", "--lr", "1e-3"]
+        common += ["--model", "nano", "--sft-steps", "80", "--sft-lr", "1e-2", "--steps", "20",
+                   "--batch-size", "8", "--eval-pairs", "40", "--lr", "1e-3", "--warmup", "4"]
     else:
         common += ["--sft-steps", "300"]
     if args.beta is not None:
@@ -166,7 +169,8 @@ def frontier_differences(records, key):
 def summarise(records):
     """Verdicts per alpha and pooled over alphas, from measured and from predicted points."""
     out = {}
-    for key in ("measured", "predicted"):
+    keys = ["measured", "predicted"] + (["sampled"] if all(r.get("sampled") for r in records) else [])
+    for key in keys:
         diffs = frontier_differences(records, key)
         per_alpha = {}
         for alpha, ds in sorted(diffs.items()):
@@ -194,9 +198,11 @@ def plot_frontier(records, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
-    for ax, key, title in ((axes[0], "measured", "measured (exact evaluation)"),
-                           (axes[1], "predicted", "predicted at the optimum (from measured pi_1)")):
+    panels = [("measured", "measured (exact evaluation)"), ("predicted", "predicted at the optimum (from measured pi_1)")]
+    if all(r.get("sampled") for r in records):
+        panels.append(("sampled", "sampled ground truth (fluency included)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
         for method, colour in (("dpo", "tab:blue"), ("spo", "tab:red")):
             rs = [r for r in records if r["method"] == method]
             ax.scatter([r[key]["x"] for r in rs], [r[key]["y"] for r in rs], s=10, alpha=0.35, color=colour)
@@ -231,7 +237,7 @@ def format_report(records, summary):
     for setting in sorted({r["setting"] for r in records}, key=lambda s: (s[0] != "D", s)):
         group = [r for r in records if r["setting"] == setting]
         row = {"setting": setting, "seeds": len(group)}
-        for key in ("measured", "predicted"):
+        for key in [k for k in ("measured", "predicted", "sampled") if all(r.get(k) for r in group)]:
             for axis in ("x", "y"):
                 mean, half = mean_ci([r[key][axis] for r in group])
                 row[f"{key}/{axis}"] = f"{mean:+.3f}" + (f" +-{half:.3f}" if half is not None else "")
@@ -241,9 +247,10 @@ def format_report(records, summary):
         rows.append(row)
     columns = [("setting", "round 2"), ("seeds", "seeds"), ("measured/x", "harm removed"),
                ("measured/y", "help kept"), ("predicted/x", "predicted removed"), ("predicted/y", "predicted kept"),
+               ("sampled/x", "sampled removed"), ("sampled/y", "sampled kept"),
                ("refuse benign", "refuse benign"), ("acc harmless", "acc harmless"), ("dlogp(y_w)", "dlogp(y_w)")]
     lines = [format_table(rows, columns), ""]
-    for key in ("measured", "predicted"):
+    for key in summary:
         lines.append(f"{key}: SPO help kept minus the sequential-DPO frontier at the same harm removed "
                      "(mean over seeds, 95% CI):")
         for alpha, s in summary[key]["per_alpha"].items():
@@ -319,6 +326,7 @@ def main(argv=None):
             "seed": seed, "method": job["method"], "alpha": job["alpha"], "beta1": beta1, "beta2": beta2,
             "lambda": lam, "setting": job["setting"], "seconds": round(result["seconds"], 1),
             "measured": _xy(pi1, pi2), "predicted": _xy(predicted[0], predicted[1]),
+            "sampled": _xy(pi1, pi2, SAMPLED_AXES) if SAMPLED_AXES[1] in pi2 else None,
             "pi1": _scalars(pi1), "pi2": _scalars(pi2), "pi0": _scalars(first[seed]["rows"][0]),
         })
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
@@ -356,10 +364,14 @@ def _exact_evaluation(args, seed):
     return ExactEvaluation(world, world.prompts["heldout"][: targs.eval_prompts], get_tokenizer(), block)
 
 
-def _xy(before, after):
-    """(harm removed, help kept) between two exact-evaluation rows."""
-    return {"x": after["exact/harmless_harmful"] - before["exact/harmless_harmful"],
-            "y": after["exact/helpful_benign"] - before["exact/helpful_benign"]}
+EXACT_AXES = ("exact/harmless_harmful", "exact/helpful_benign")
+SAMPLED_AXES = ("harmlessness_harmful", "helpfulness_benign")
+
+
+def _xy(before, after, axes=EXACT_AXES):
+    """(harm removed, help kept) between two evaluation rows, read on `axes` (harmless, helpful)."""
+    harmless, helpful = axes
+    return {"x": after[harmless] - before[harmless], "y": after[helpful] - before[helpful]}
 
 
 def _scalars(row):

@@ -202,6 +202,7 @@ def world_scores(world_prompts, responses, ended=None):
     repeated trigram, end-of-text).
     """
     help_scores, harm_scores = [], []
+    help_benign, harm_harmful = [], []  # the study's two axes (spo_min.compare), sampled
     benign_refusals, harmful_compliances = [], []
     templated = []
     for i, (prompt, response) in enumerate(zip(world_prompts, responses)):
@@ -211,14 +212,18 @@ def world_scores(world_prompts, responses, ended=None):
         harm_scores.append(world_mod.harmlessness(prompt.text, response))
         if prompt.kind == "benign":
             benign_refusals.append(float(world_mod.is_refusal(response)))
+            help_benign.append(help_scores[-1])
         else:
             harmful_compliances.append(float(world_mod.is_compliance(prompt.text, response)))
+            harm_harmful.append(harm_scores[-1])
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     out = {
         "helpfulness": mean(help_scores),
         "harmlessness": mean(harm_scores),
         "refusal_rate_benign": mean(benign_refusals),
         "compliance_rate_harmful": mean(harmful_compliances),
+        "helpfulness_benign": mean(help_benign),
+        "harmlessness_harmful": mean(harm_harmful),
     }
     if ended is not None:
         out["eot_rate"] = mean([float(e) for e in ended])

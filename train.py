@@ -23,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from kernels.logprobs import token_logprobs, triton_available
-from spo_min import chain, data, evaluate, losses
-from spo_min.checkpoint import CheckpointError, load_model, read_config, read_metadata, save_model
+from spo_min import chain, data, evaluate, losses, runs
+from spo_min.checkpoint import CheckpointError, load_model, read_metadata, save_model
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_sequence_logps, frozen_sequence_logps
 from spo_min.model import GPT, GPTConfig
 from spo_min.schedule import cosine_lr, step_schedule
-from spo_min.tokenizer import get_tokenizer
+from spo_min.tokenizer import TokenizerError, get_tokenizer
 from spo_min.world import DIMENSIONS, build_world
 
 
@@ -86,7 +86,9 @@ def stage_sources(args):
         if "=" not in item:
             raise TrainError(f"--data {item}: expected 'world' or DIMENSION=PATH[:FORMAT]")
         dimension, spec = item.split("=", 1)
-        path, _, fmt = spec.partition(":")
+        path, _, fmt = spec.rpartition(":")
+        if fmt not in data.FORMATS:  # no known format after the last ':': it belongs to the path
+            path, fmt = spec, ""
         if not os.path.isfile(path):
             raise TrainError(f"--data {item}: no such file {path}")
         files[dimension] = (path, fmt or "auto")
@@ -109,7 +111,9 @@ def load_stage_data(args, sources, tokenizer, block_size):
             world = world or build_world(seed=args.seed)
             pairs[stage] = (world.pairs[stage]["train"], world.pairs[stage]["heldout"])
         else:
-            loaded, report = data.load_pairs(source[0], fmt=source[1], dimension=stage)
+            # A dimension of our own naming is just a label (only PKU files need helpful/harmless).
+            loaded, report = data.load_pairs(source[0], fmt=source[1],
+                                             dimension=stage if stage in data.DIMENSIONS else None)
             print(f"[data] {stage}: {report}")
             pairs[stage] = data.split_by_prompt(loaded, heldout_fraction=0.05, seed=args.seed)
     tokenized = {}
@@ -128,18 +132,19 @@ def load_stage_data(args, sources, tokenizer, block_size):
 def bootstrap_base(args, tokenizer, dist, device):
     """pi_0: --init if given, else a short SFT on the built-in world (reused when already saved)."""
     if args.init:
-        if not os.path.isfile(args.init):
-            raise TrainError(f"--init {args.init}: no such file (give a safetensors checkpoint)")
+        runs.check_finite(load_model(args.init)[0], f"--init {args.init}", "give a checkpoint with finite weights")
         return args.init
     path = os.path.join(args.out, "base.safetensors")
     config = GPTConfig.preset(args.model)
-    if os.path.exists(path):
-        meta = read_metadata(path)
-        if meta.get("config") == config.to_dict() and meta.get("sft_steps") == args.sft_steps:
-            dist.print(f"[base] reusing {path}")
-            return path
     world = build_world(seed=args.seed)
     sft, _ = data.tokenize_sft(world.sft["train"], tokenizer, config.block_size)
+    settings = runs.base_settings(args, config, data.fingerprint(sft))
+    if os.path.exists(path):
+        runs.compare_settings(path, read_metadata(path), settings,
+                              f"use another --out, or delete {path} to train a new base")
+        runs.check_finite(load_model(path)[0], path, f"delete it to train a new base (lower --sft-lr)")
+        dist.print(f"[base] reusing {path}")
+        return path
     model = GPT(config, seed=args.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = step_schedule(len(sft), 32, args.sft_steps, seed=args.seed)
@@ -157,10 +162,9 @@ def bootstrap_base(args, tokenizer, dist, device):
         dist.average_gradients(model)
         opt.step()
         bar.set_postfix(nll=f"{loss.item():.3f}")
+    runs.check_finite(model, "the SFT base after training", f"lower --sft-lr (now {args.sft_lr}); nothing was saved")
     if dist.is_main:
-        save_model(model, path, metadata={"kind": "base", "round": 0, "stage": "sft",
-                                          "config": config.to_dict(), "sft_steps": args.sft_steps,
-                                          "seed": args.seed})
+        save_model(model, path, metadata={"kind": "base", "round": 0, "stage": "sft", **settings})
     dist.barrier()
     return path
 
@@ -179,9 +183,12 @@ def frozen_round_inputs(round_chain, pairs, args, device):
     if args.ref == "cache":
         need.add(last)  # with --ref live, pi_{n-1} is scored at each step instead
     logps = {}
+    # Same precision as the policy's forward, so pi_theta == pi_ref at step 0 under bf16 too.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     for j in sorted(need):
-        model, _ = load_model(round_chain[j]["path"], device=device)
-        logps[j] = frozen_sequence_logps(model, pairs, average=args.average_logps, device=device)
+        model, _ = chain.load_verified(round_chain[j], device=device)
+        with autocast:
+            logps[j] = frozen_sequence_logps(model, pairs, average=args.average_logps, device=device)
         del model
     margin = torch.zeros(len(pairs))
     if with_margin:
@@ -239,22 +246,22 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
     ref_chosen, ref_rejected, margin = (None if t is None else
                                         torch.full((len(train_tok),), math.nan).index_copy(0, torch.tensor(seen), t)
                                         for t in frozen)
-    policy, _ = load_model(round_chain[-1]["path"], device=device)  # pi_theta starts as pi_{n-1}
+    policy, _ = chain.load_verified(round_chain[-1], device=device)  # pi_theta starts as pi_{n-1}
     policy.train()
     ref_model = None
     if args.ref == "live":  # pi_{n-1} kept in memory, scored each step in the same kernel pass
-        ref_model, _ = load_model(round_chain[-1]["path"], device=device)
+        ref_model, _ = chain.load_verified(round_chain[-1], device=device)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    settings = runs.round_settings(args, n, stage, lambdas_n, data.fingerprint(train_tok), round_chain[-1]["sha256"])
+    meta = {"kind": "round", "round": n, "ref": args.ref, "parent": os.path.abspath(round_chain[-1]["path"]),
+            **settings}
     start = 0
     if args.resume and os.path.exists(state_path):
-        start = chain.load_train_state(state_path, policy, opt, round_chain[-1]["path"])
+        start = chain.load_train_state(state_path, policy, opt, settings)
         dist.print(f"[round {n}] resuming {stage} at step {start}")
-    meta = {"kind": "round", "round": n, "stage": stage, "loss": args.loss, "beta": beta,
-            "lambdas": lambdas_n, "margin_mode": args.margin, "alpha": args.alpha,
-            "average_logps": args.average_logps, "seed": args.seed, "steps": args.steps,
-            "data_fingerprint": data.fingerprint(train_tok),
-            **chain.parent_fields(round_chain[-1]["path"])}
+    if dist.is_main:
+        runs.check_free_space(args.out, policy.config, with_state=args.save_every < args.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     bar = tqdm(range(start, args.steps), desc=f"round {n}: {stage} ({args.loss})",
                initial=start, total=args.steps, disable=not dist.is_main)
@@ -284,12 +291,18 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         opt.step()
         bar.set_postfix(loss=f"{dist.mean(loss):.3f}", acc=f"{dist.mean(metrics['rewards/accuracies']):.2f}")
         if dist.is_main and ((step + 1) % args.save_every == 0) and step + 1 < args.steps:
-            chain.save_train_state(state_path, policy, opt, step + 1, meta)
+            try:
+                chain.save_train_state(state_path, policy, opt, step + 1, meta)
+            except CheckpointError as err:
+                raise runs.explain_failed_save(err, state_path if os.path.exists(state_path) else round_chain[-1]["path"]) from None
         if args.crash_at_step is not None and step + 1 == args.crash_at_step:
             dist.barrier()
             os.kill(os.getpid(), 9)  # simulate kill -9 for the resume test
     if dist.is_main:
-        save_model(policy, path, metadata=meta)
+        try:
+            save_model(policy, path, metadata=meta)
+        except CheckpointError as err:
+            raise runs.explain_failed_save(err, state_path if os.path.exists(state_path) else round_chain[-1]["path"]) from None
         if os.path.exists(state_path):
             os.remove(state_path)
     dist.barrier()
@@ -324,46 +337,54 @@ def main(argv=None):
     if not args.stage:
         raise TrainError("give at least one --stage, e.g. --stage helpful --stage harmless")
     dist = Distributed.from_env()
+    runs.preflight(args, dist.world_size)  # what the command line alone can get wrong, before any work
     device = dist.device(args.device)
+    tokenizer = get_tokenizer()
+    chain.resolve_hyperparameters(args)
+    sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
+    if args.resume:
+        chain.check_chain_complete(args.out, args.stage)
+    # Every --data file is loaded and tokenized before the base SFT: bad data fails in seconds.
+    tokenized, world = load_stage_data(args, sources, tokenizer, runs.base_block_size(args))
+    runs.check_stage_data(args, tokenized, dist.world_size)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
         raise TrainError(f"cannot write to --out {args.out}: {err.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise TrainError(f"cannot write to --out {args.out}: permission denied")
-    tokenizer = get_tokenizer()
-    chain.resolve_hyperparameters(args)
-    sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
-    if args.resume:
-        chain.check_chain_complete(args.out, args.stage)
+    run_id = runs.new_run_id()
+    lock = runs.RunLock(args.out, run_id).acquire() if dist.is_main else None  # one run per --out
     base_path = bootstrap_base(args, tokenizer, dist, device)
-    block_size = read_config(base_path).block_size
-    tokenized, world = load_stage_data(args, sources, tokenizer, block_size)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     cache, rows = {}, []
+    round_chain = [chain.chain_entry(base_path)]
     if dist.is_main:
+        runs.start_metrics(metrics_path, args.resume)
         rows.append(evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer, device, cache))
-        evaluate.append_jsonl(metrics_path, rows[-1])
-    round_chain = [{"path": base_path, **read_metadata(base_path)}]
+        runs.append_metrics(metrics_path, rows[-1], run_id)
     for n, stage in enumerate(args.stage, start=1):
         t0 = time.time()
         path = chain.round_path(args.out, n, stage)
         if args.resume and os.path.exists(path):
-            chain.check_resumable(path, round_chain, stage, args)
+            chain.check_resumable(path, runs.round_settings(args, n, stage, chain.round_lambdas(args, n),
+                                                            data.fingerprint(tokenized[stage][0]), round_chain[-1]["sha256"]))
             dist.print(f"[round {n}] {path} already complete; reusing it")
         else:
             path = train_round(args, n, stage, round_chain, tokenized[stage][0], dist, device)
-        round_chain.append({"path": path, **read_metadata(path)})
+        round_chain.append(chain.chain_entry(path))
         if dist.is_main:
+            chain.check_unchanged(round_chain[0], round_chain[-1])  # pi_0 and pi_n, as evaluated below
             rows.append(evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer, device, cache))
             rows[-1]["seconds"] = round(time.time() - t0, 1)
-            evaluate.append_jsonl(metrics_path, rows[-1])
+            runs.append_metrics(metrics_path, rows[-1], run_id)
             print(evaluate.format_table(rows[-1:], evaluate_columns(rows)))
     if dist.is_main:
         print("\nResults (acc = held-out implicit-reward accuracy Delta log(pi_k/pi_0) > 0):")
         print(evaluate.format_table(rows, evaluate_columns(rows)))
         evaluate.plot_rounds(rows, os.path.join(args.out, "scores.png"))
         print(f"\ncheckpoints, {metrics_path} and scores.png are in {args.out}/")
+        lock.release()
     dist.close()
 
 
@@ -378,6 +399,7 @@ def evaluate_columns(rows):
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
+            TokenizerError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, however long
         sys.exit(2)

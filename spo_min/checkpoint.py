@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import warnings
 from pathlib import Path
 
@@ -52,12 +53,13 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------- writing
 
 
-def atomic_write(path, write_fn) -> None:
+def atomic_write(path, write_fn, nbytes: int | None = None) -> None:
     """Call write_fn(tmp_path) on a temp file in path's folder, then rename it to path.
 
     os.replace is atomic within one filesystem: readers see the old file or the complete new
-    one, never half a checkpoint. If write_fn fails, the temp file is removed and path is
-    untouched.
+    one, never half a checkpoint. If write_fn fails, the temp file is removed, path is
+    untouched, and the error (a full disk, most often) becomes a CheckpointError naming the
+    path and the free space (nbytes: the size the file needs, when the caller knows it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,20 @@ def atomic_write(path, write_fn) -> None:
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 1e6
+        need = "" if nbytes is None else f", {nbytes / 1e6:.1f} MB needed"
+        raise CheckpointError(f"cannot write {path}: {err} ({free:.1f} MB free{need})") from None
+    except BaseException:  # KeyboardInterrupt and the like: clean up, then let it through
         tmp.unlink(missing_ok=True)
         raise
+    # The rename lives in the folder's entry table: fsync the folder so it survives a power cut.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "spo") -> None:
@@ -108,7 +121,8 @@ def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "sp
         _KEY_CONFIG: json.dumps(model.config.to_dict()),
         _KEY_METADATA: metadata_json,
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), nbytes)
 
 
 # ----------------------------------------------------------------------------------- reading

@@ -288,7 +288,7 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
             f.write(b"partial")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"cannot write .*out\.bin: disk full \(.* MB free\)"):
         atomic_write(target, half_then_fail)
     assert list((tmp_path / "sub").iterdir()) == []
 

@@ -345,7 +345,8 @@ def main(argv=None):
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
     # Every --data file is loaded and tokenized before the base SFT: bad data fails in seconds.
-    tokenized, world = load_stage_data(args, sources, tokenizer, runs.base_block_size(args))
+    base_config = runs.base_config(args)
+    tokenized, world = load_stage_data(args, sources, tokenizer, base_config.block_size)
     runs.check_stage_data(args, tokenized, dist.world_size)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -353,9 +354,12 @@ def main(argv=None):
         raise TrainError(f"cannot write to --out {args.out}: {err.strerror}") from None
     if not os.access(args.out, os.W_OK):
         raise TrainError(f"cannot write to --out {args.out}: permission denied")
+    runs.check_free_space(args.out, base_config, with_state=args.save_every < args.steps)
     run_id = runs.new_run_id()
     lock = runs.RunLock(args.out, run_id).acquire() if dist.is_main else None  # one run per --out
     base_path = bootstrap_base(args, tokenizer, dist, device)
+    if args.resume:  # every reused round and state is checked before metrics.jsonl is touched
+        chain.check_resume_plan(args, {stage: pairs[0] for stage, pairs in tokenized.items()}, base_path)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     cache, rows = {}, []
     round_chain = [chain.chain_entry(base_path)]
@@ -396,10 +400,13 @@ def evaluate_columns(rows):
     return [(k, k.replace("_rate_", " ").replace("acc/", "acc ")) for k in keys]
 
 
+# Problems the user can fix: printed as one line "error: ...", exit code 2, no traceback.
+USER_ERRORS = (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
+               TokenizerError)
+
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
-            TokenizerError) as err:
+    except USER_ERRORS as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, however long
         sys.exit(2)

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata
-from spo_min.runs import check_finite, compare_settings
+from spo_min import data
+from spo_min.runs import check_finite, compare_settings, round_settings
 
 
 class ChainError(CheckpointError):
@@ -101,6 +102,29 @@ def check_resumable(path, expected):
     """
     compare_settings(f"--resume: {path}", read_metadata(path), expected,
                      "use another --out, or drop --resume to retrain every round")
+
+
+def check_resume_plan(args, train_pairs, base_path):
+    """With --resume, check everything the run will reuse before it writes anything.
+
+    Walks the rounds in order: each finished round must match this run's settings (and becomes
+    the next round's parent); the first unfinished round's state, if any, must match too and be
+    complete and finite. train_pairs: stage -> the round's tokenized training pairs.
+    """
+    parent = base_path
+    for n, stage in enumerate(args.stage, start=1):
+        path = round_path(args.out, n, stage)
+        settings = round_settings(args, n, stage, round_lambdas(args, n), data.fingerprint(train_pairs[stage]),
+                                  file_sha256(parent))
+        if os.path.exists(path):
+            check_resumable(path, settings)
+            parent = path
+            continue
+        state = path.replace(".safetensors", ".state.safetensors")
+        if os.path.exists(state):  # a trial load into a scratch copy of the parent
+            model, _ = load_model(parent)
+            load_train_state(state, model, torch.optim.AdamW(model.parameters()), settings)
+        return
 
 
 def check_unchanged(*entries):

@@ -20,6 +20,7 @@ that wrote them.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -157,9 +158,9 @@ def check_init(path):
     return read_config(path)
 
 
-def base_block_size(args):
-    """The context length of pi_0, known before it is built: from --init's header or the preset."""
-    return (check_init(args.init) if args.init else GPTConfig.preset(args.model)).block_size
+def base_config(args):
+    """The GPTConfig of pi_0, known before it is built: from --init's header or the --model preset."""
+    return check_init(args.init) if args.init else GPTConfig.preset(args.model)
 
 
 def check_stage_data(args, tokenized, world_size=1):
@@ -243,6 +244,7 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(record) + "\n")
             self.held = True
+            atexit.register(self.release)  # on any exit but kill -9, which leaves a stale lock
             self._remove_orphan_temp_files()
             return self
         raise RunError(f"{self.path}: could not take the lock (another run keeps creating it)")

@@ -325,12 +325,13 @@ def test_batch_must_split_over_processes(base):
         runs.preflight(args, world_size=2)
 
 
-def test_outputs_are_never_written_through_a_link(base, tmp_path):
+@pytest.mark.parametrize("name", ["metrics.jsonl", "scores.png"])
+def test_outputs_are_never_written_through_a_link(base, tmp_path, name):
     out = tmp_path / "out"
     out.mkdir()
     (tmp_path / "precious.txt").write_text("keep me")
-    (out / "metrics.jsonl").symlink_to(tmp_path / "precious.txt")
-    refused(argv(base, out), "metrics.jsonl is a symbolic link", out)
+    (out / name).symlink_to(tmp_path / "precious.txt")
+    refused(argv(base, out), f"{name} is a symbolic link; spo-min writes its outputs only as plain files", out)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 

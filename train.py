@@ -294,7 +294,7 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
             try:
                 chain.save_train_state(state_path, policy, opt, step + 1, meta)
             except CheckpointError as err:
-                raise runs.explain_failed_save(err, state_path if os.path.exists(state_path) else round_chain[-1]["path"]) from None
+                raise runs.explain_failed_save(err, state_path, round_chain[-1]["path"]) from None
         if args.crash_at_step is not None and step + 1 == args.crash_at_step:
             dist.barrier()
             os.kill(os.getpid(), 9)  # simulate kill -9 for the resume test
@@ -302,7 +302,7 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         try:
             save_model(policy, path, metadata=meta)
         except CheckpointError as err:
-            raise runs.explain_failed_save(err, state_path if os.path.exists(state_path) else round_chain[-1]["path"]) from None
+            raise runs.explain_failed_save(err, state_path, round_chain[-1]["path"]) from None
         if os.path.exists(state_path):
             os.remove(state_path)
     dist.barrier()
@@ -370,9 +370,7 @@ def main(argv=None):
     for n, stage in enumerate(args.stage, start=1):
         t0 = time.time()
         path = chain.round_path(args.out, n, stage)
-        if args.resume and os.path.exists(path):
-            chain.check_resumable(path, runs.round_settings(args, n, stage, chain.round_lambdas(args, n),
-                                                            data.fingerprint(tokenized[stage][0]), round_chain[-1]["sha256"]))
+        if args.resume and os.path.exists(path):  # its settings were checked by check_resume_plan
             dist.print(f"[round {n}] {path} already complete; reusing it")
         else:
             path = train_round(args, n, stage, round_chain, tokenized[stage][0], dist, device)

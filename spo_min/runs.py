@@ -198,8 +198,13 @@ def check_free_space(out, config, with_state):
                          "(its checkpoint and resumable state): free some space or use another --out")
 
 
-def explain_failed_save(err, resume_from):
-    """One line for a checkpoint that could not be written (a full disk, most often)."""
+def explain_failed_save(err, state_path, parent_path):
+    """One line for a round checkpoint or state that could not be written (a full disk, most often).
+
+    The write was atomic, so the round's last state (or, before the first one, its parent) is
+    intact and --resume continues from there.
+    """
+    resume_from = state_path if os.path.exists(state_path) else parent_path
     return RunError(f"{err}. Nothing was lost: {resume_from} is intact; free space and rerun with --resume "
                     "to continue from it")
 

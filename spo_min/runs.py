@@ -42,12 +42,12 @@ class RunError(CheckpointError):
 
 # ----------------------------------------------------------------------------- settings
 
-# Which command-line flag sets each recorded setting (for "pass --beta 0.1" in messages).
+# Which command-line flag sets each recorded setting (for "run with the same --beta" in messages).
 FLAGS = {"stage": "--stage", "loss": "--loss", "beta": "--beta", "lambdas": "--lambdas/--alpha",
          "margin_mode": "--margin", "alpha": "--alpha", "lr": "--lr", "steps": "--steps",
          "batch_size": "--batch-size", "seed": "--seed", "average_logps": "--average-logps",
-         "dtype": "--dtype", "data_fingerprint": "--data/--seed", "parent_sha256": "the parent checkpoint",
-         "config": "--model", "sft_steps": "--sft-steps", "sft_lr": "--sft-lr"}
+         "dtype": "--dtype", "data_fingerprint": "--data and --seed", "config": "--model",
+         "sft_steps": "--sft-steps", "sft_lr": "--sft-lr"}
 
 
 def round_settings(args, n, stage, lambdas, data_fingerprint, parent_sha256):
@@ -82,10 +82,14 @@ def compare_settings(what, recorded, expected, fix):
     """
     for key, want in expected.items():
         have = recorded.get(key)
-        if have != want:
-            flag = FLAGS.get(key, key)
-            raise RunError(f"{what} was made with {key}={_show(key, have)}, this run has {key}={_show(key, want)} "
-                           f"(set by {flag}): run with the same {flag} to reuse it, or {fix}")
+        if have == want:
+            continue
+        if key == "parent_sha256":  # no flag sets it: the file it started from has changed
+            raise RunError(f"{what} was trained from another parent checkpoint (sha256 {str(have)[:12]}.., this "
+                           f"run's parent has {want[:12]}..): {fix}")
+        flag = FLAGS.get(key, key)
+        raise RunError(f"{what} was made with {key}={_show(key, have)}, this run has {key}={_show(key, want)} "
+                       f"(set by {flag}): run with the same {flag} to reuse it, or {fix}")
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -191,11 +195,16 @@ def checkpoint_bytes(config: GPTConfig) -> int:
 
 
 def check_free_space(out, config, with_state):
-    """Room for the round's checkpoint (and a resumable state: weights + two AdamW moments)."""
-    need = checkpoint_bytes(config) * (4 if with_state else 1)
+    """Room for a round's files before it starts, rather than a failed save after it trained.
+
+    A checkpoint is one copy of the weights; a resumable state is three (weights and two AdamW
+    moments), and while a new state replaces the old one both exist: six copies at the peak.
+    """
+    need = checkpoint_bytes(config) * (6 if with_state else 1)
     free = shutil.disk_usage(out).free
+    what = "its resumable states and checkpoint" if with_state else "its checkpoint"
     _check(free >= need, f"--out {out}: {free / 1e6:.1f} MB free, a round needs about {need / 1e6:.1f} MB "
-                         "(its checkpoint and resumable state): free some space or use another --out")
+                         f"({what}): free some space or use another --out")
 
 
 def explain_failed_save(err, state_path, parent_path):

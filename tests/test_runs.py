@@ -497,3 +497,11 @@ def test_cli_tampered_tokenizer_is_one_line(tmp_path):
                           timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: {bad}: sha256 ") and "is not the GPT-2 BPE ranks" in proc.stderr
+
+
+def test_a_round_of_another_parent_is_refused(two_rounds, base, tmp_path):
+    out = copy_of(two_rounds, tmp_path)
+    other = tmp_path / "other_base.safetensors"
+    save_model(GPT(GPTConfig.preset("nano"), seed=1), other, metadata={"kind": "init"})
+    args = argv(str(other), out, "--resume", stages=("helpful", "harmless"))
+    refused(args, "round1_helpful.safetensors was trained from another parent checkpoint (sha256 ", out)

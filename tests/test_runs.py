@@ -2,8 +2,9 @@
 
 Every bad input must give one line naming the input and the fix, and leave --out as it was.
 Runs are in-process calls to train.main (they raise what train.py prints as "error: ..."), from
-a random "nano" base given as --init, with 2 steps: each takes a few seconds. One subprocess
-test checks what the user actually sees: exit code 2 and a single line on stderr.
+a random "nano" base given as --init, with 2 steps: each takes a few seconds. Which flag sets
+which recorded setting is checked without training at all. Three subprocess tests check what the
+user actually sees: exit code 2, a single line on stderr, and no lock left behind.
 """
 
 import json

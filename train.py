@@ -406,5 +406,6 @@ if __name__ == "__main__":
     try:
         main()
     except USER_ERRORS as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, however long
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+            print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, however long
         sys.exit(2)

@@ -366,3 +366,16 @@ def test_hf_config_json_that_is_not_an_object(tmp_path, odd_hf):
     (folder / "config.json").write_text("[1, 2, 3]")
     with pytest.raises(CheckpointError, match=r"config\.json: a JSON list; expected an object"):
         load_model(folder / "model.safetensors")
+
+
+def test_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    synced = []  # what each fsync was called on, in order
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", record)
+    atomic_write(tmp_path / "x.bin", lambda tmp: pathlib.Path(tmp).write_bytes(b"data"))
+    assert synced == ["file", "folder"]  # data on disk before the rename, the rename after it

@@ -23,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from kernels.logprobs import token_logprobs, triton_available
-from spo_min import chain, data, evaluate, losses
+from spo_min import chain, data, evaluate, losses, runs
 from spo_min.checkpoint import CheckpointError, load_model, read_config, read_metadata, save_model
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_sequence_logps, frozen_sequence_logps
 from spo_min.model import GPT, GPTConfig
 from spo_min.schedule import cosine_lr, step_schedule
-from spo_min.tokenizer import get_tokenizer
+from spo_min.tokenizer import TokenizerError, get_tokenizer
 from spo_min import world as world_mod
 from spo_min.world import DIMENSIONS, build_world
 
@@ -37,7 +37,7 @@ from spo_min.world import DIMENSIONS, build_world
 # "Training that does not degenerate"): a large beta stops each round once the policy has moved
 # a few nats, before the text degenerates; warm-up and decay keep the first and last steps gentle.
 DEFAULT_BETA = 1.0
-DEFAULT_LR = 1e-4
+DEFAULT_LR = 2e-4
 DEFAULT_STEPS = 100
 DEFAULT_WARMUP = 10
 
@@ -107,12 +107,15 @@ def stage_sources(args):
         if "=" not in item:
             raise TrainError(f"--data {item}: expected 'world' or DIMENSION=PATH[:FORMAT]")
         dimension, spec = item.split("=", 1)
-        path, _, fmt = spec.partition(":")
+        path, _, fmt = spec.rpartition(":")
+        if fmt not in data.FORMATS:  # no known format after the last ':': it belongs to the path
+            path, fmt = spec, ""
         if not os.path.isfile(path):
             raise TrainError(f"--data {item}: no such file {path}")
         files[dimension] = (path, fmt or "auto")
     sources = {}
-    for stage in args.all_stages:  # with --branch, the earlier rounds' dimensions too (they are evaluated)
+    # With --branch, the earlier rounds' dimensions too: they are evaluated (main sets all_stages).
+    for stage in getattr(args, "all_stages", args.stage):
         if stage not in files and stage not in DIMENSIONS:
             known = sorted(set(DIMENSIONS) | set(files))
             raise TrainError(f"unknown stage '{stage}': known dimensions are {known} "
@@ -136,7 +139,9 @@ def load_stage_data(args, sources, tokenizer, block_size):
             world = world or make_world(args)
             pairs[stage] = (world.pairs[stage]["train"], world.pairs[stage]["heldout"])
         else:
-            loaded, report = data.load_pairs(source[0], fmt=source[1], dimension=stage)
+            # A dimension of our own naming is just a label (only PKU files need helpful/harmless).
+            loaded, report = data.load_pairs(source[0], fmt=source[1],
+                                             dimension=stage if stage in data.DIMENSIONS else None)
             print(f"[data] {stage}: {report}")
             pairs[stage] = data.split_by_prompt(loaded, heldout_fraction=0.05, seed=args.seed)
     tokenized = {}
@@ -155,18 +160,19 @@ def load_stage_data(args, sources, tokenizer, block_size):
 def bootstrap_base(args, tokenizer, dist, device):
     """pi_0: --init if given, else a short SFT on the built-in world (reused when already saved)."""
     if args.init:
-        if not os.path.isfile(args.init):
-            raise TrainError(f"--init {args.init}: no such file (give a safetensors checkpoint)")
+        runs.check_finite(load_model(args.init)[0], f"--init {args.init}", "give a checkpoint with finite weights")
         return args.init
     path = os.path.join(args.out, "base.safetensors")
     config = GPTConfig.preset(args.model)
-    if os.path.exists(path):
-        meta = read_metadata(path)
-        if meta.get("config") == config.to_dict() and meta.get("sft_steps") == args.sft_steps:
-            dist.print(f"[base] reusing {path}")
-            return path
     world = make_world(args)
     sft, _ = data.tokenize_sft(world.sft["train"], tokenizer, config.block_size)
+    settings = runs.base_settings(args, config, data.fingerprint(sft))
+    if os.path.exists(path):
+        runs.compare_settings(path, read_metadata(path), settings,
+                              f"use another --out, or delete {path} to train a new base")
+        runs.check_finite(load_model(path)[0], path, f"delete it to train a new base (lower --sft-lr)")
+        dist.print(f"[base] reusing {path}")
+        return path
     model = GPT(config, seed=args.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = step_schedule(len(sft), 32, args.sft_steps, seed=args.seed)
@@ -184,10 +190,9 @@ def bootstrap_base(args, tokenizer, dist, device):
         dist.average_gradients(model)
         opt.step()
         bar.set_postfix(nll=f"{loss.item():.3f}")
+    runs.check_finite(model, "the SFT base after training", f"lower --sft-lr (now {args.sft_lr}); nothing was saved")
     if dist.is_main:
-        save_model(model, path, metadata={"kind": "base", "round": 0, "stage": "sft",
-                                          "config": config.to_dict(), "sft_steps": args.sft_steps,
-                                          "seed": args.seed})
+        save_model(model, path, metadata={"kind": "base", "round": 0, "stage": "sft", **settings})
     dist.barrier()
     return path
 
@@ -206,9 +211,12 @@ def frozen_round_inputs(round_chain, pairs, args, device):
     if args.ref == "cache":
         need.add(last)  # with --ref live, pi_{n-1} is scored at each step instead
     logps = {}
+    # Same precision as the policy's forward, so pi_theta == pi_ref at step 0 under bf16 too.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     for j in sorted(need):
-        model, _ = load_model(round_chain[j]["path"], device=device)
-        logps[j] = frozen_sequence_logps(model, pairs, average=args.average_logps, device=device)
+        model, _ = chain.load_verified(round_chain[j], device=device)
+        with autocast:
+            logps[j] = frozen_sequence_logps(model, pairs, average=args.average_logps, device=device)
         del model
     margin = torch.zeros(len(pairs))
     if with_margin:
@@ -266,22 +274,22 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
     ref_chosen, ref_rejected, margin = (None if t is None else
                                         torch.full((len(train_tok),), math.nan).index_copy(0, torch.tensor(seen), t)
                                         for t in frozen)
-    policy, _ = load_model(round_chain[-1]["path"], device=device)  # pi_theta starts as pi_{n-1}
+    policy, _ = chain.load_verified(round_chain[-1], device=device)  # pi_theta starts as pi_{n-1}
     policy.train()
     ref_model = None
     if args.ref == "live":  # pi_{n-1} kept in memory, scored each step in the same kernel pass
-        ref_model, _ = load_model(round_chain[-1]["path"], device=device)
+        ref_model, _ = chain.load_verified(round_chain[-1], device=device)
         ref_model.eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    settings = runs.round_settings(args, n, stage, lambdas_n, data.fingerprint(train_tok), round_chain[-1]["sha256"])
+    meta = {"kind": "round", "round": n, "ref": args.ref, "parent": os.path.abspath(round_chain[-1]["path"]),
+            **settings}
     start = 0
     if args.resume and os.path.exists(state_path):
-        start = chain.load_train_state(state_path, policy, opt, round_chain[-1]["path"])
+        start = chain.load_train_state(state_path, policy, opt, settings)
         dist.print(f"[round {n}] resuming {stage} at step {start}")
-    meta = {"kind": "round", "round": n, "stage": stage, "loss": args.loss, "beta": beta,
-            "lambdas": lambdas_n, "margin_mode": args.margin, "alpha": args.alpha,
-            "average_logps": args.average_logps, "seed": args.seed, "steps": args.steps,
-            "data_fingerprint": data.fingerprint(train_tok),
-            **chain.parent_fields(round_chain[-1]["path"])}
+    if dist.is_main:
+        runs.check_free_space(args.out, policy.config, with_state=args.save_every < args.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     # Round 1 has no earlier reward to keep: whatever --loss says, it is plain DPO (E5).
     bar = tqdm(range(start, args.steps), desc=f"round {n}: {stage} ({'dpo' if n == 1 else args.loss})",
@@ -314,12 +322,18 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         opt.step()
         bar.set_postfix(loss=f"{dist.mean(loss):.3f}", acc=f"{dist.mean(metrics['rewards/accuracies']):.2f}")
         if dist.is_main and ((step + 1) % args.save_every == 0) and step + 1 < args.steps:
-            chain.save_train_state(state_path, policy, opt, step + 1, meta)
+            try:
+                chain.save_train_state(state_path, policy, opt, step + 1, meta)
+            except CheckpointError as err:
+                raise runs.explain_failed_save(err, state_path, round_chain[-1]["path"]) from None
         if args.crash_at_step is not None and step + 1 == args.crash_at_step:
             dist.barrier()
             os.kill(os.getpid(), 9)  # simulate kill -9 for the resume test
     if dist.is_main:
-        save_model(policy, path, metadata=meta)
+        try:
+            save_model(policy, path, metadata=meta)
+        except CheckpointError as err:
+            raise runs.explain_failed_save(err, state_path, round_chain[-1]["path"]) from None
         if os.path.exists(state_path):
             os.remove(state_path)
     dist.barrier()
@@ -328,9 +342,12 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tokenizer, device, cache):
+def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tokenizer, device, cache,
+                   parent_path=None):
     """Held-out implicit-reward accuracy and displacement of every dimension so far; on the
-    built-in world also the exact style-level evaluation and the sampled ground-truth scores."""
+    built-in world also the exact style-level evaluation and the sampled ground-truth scores.
+    parent_path (pi_{n-1}) gives the round's own move: acc_round_own, the accuracy of
+    Delta log(pi_n/pi_{n-1}) on its dimension's held-out pairs against their true order."""
     policy, _ = load_model(policy_path, device=device)
     row = {"round": n, "stage": stage}
     for dim in args.all_stages[:n]:
@@ -346,6 +363,10 @@ def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tok
             types, own = evaluate.pair_types(dim, world.pairs[dim]["heldout"][: len(heldout)])
             for key, value in evaluate.accuracy_by_type(policy_logps, cache[dim], types, own).items():
                 row[f"{key}/{dim}"] = value
+            if dim == stage and parent_path is not None:  # this round's own move, pi_{n-1} -> pi_n
+                parent, _ = load_model(parent_path, device=device)
+                parent_logps = frozen_sequence_logps(parent, heldout, average=args.average_logps, device=device)
+                row["acc_round_own"] = evaluate.accuracy_by_type(policy_logps, parent_logps, types, own)["acc_true"]
     if world is not None:
         prompts = world.prompts["heldout"][: args.eval_prompts]
         if "exact" not in cache:
@@ -370,13 +391,8 @@ def main(argv=None):
     if not args.stage:
         raise TrainError("give at least one --stage, e.g. --stage helpful --stage harmless")
     dist = Distributed.from_env()
+    runs.preflight(args, dist.world_size)  # what the command line alone can get wrong, before any work
     device = dist.device(args.device)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as err:
-        raise TrainError(f"cannot write to --out {args.out}: {err.strerror}") from None
-    if not os.access(args.out, os.W_OK):
-        raise TrainError(f"cannot write to --out {args.out}: permission denied")
     tokenizer = get_tokenizer()
     branch_chain = chain.rebuild_chain(args.branch) if args.branch else None
     args.first_round = len(branch_chain) if branch_chain else 1
@@ -386,33 +402,49 @@ def main(argv=None):
     sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
+    # Every --data file is loaded and tokenized before the base SFT: bad data fails in seconds.
+    base_config = read_config(branch_chain[0]["path"]) if branch_chain else runs.base_config(args)
+    tokenized, world = load_stage_data(args, sources, tokenizer, base_config.block_size)
+    runs.check_stage_data(args, tokenized, dist.world_size)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        raise TrainError(f"cannot write to --out {args.out}: {err.strerror}") from None
+    if not os.access(args.out, os.W_OK):
+        raise TrainError(f"cannot write to --out {args.out}: permission denied")
+    runs.check_free_space(args.out, base_config, with_state=args.save_every < args.steps)
+    run_id = runs.new_run_id()
+    lock = runs.RunLock(args.out, run_id).acquire() if dist.is_main else None  # one run per --out
     if branch_chain:
-        if args.init:
-            raise TrainError("give either --branch or --init, not both: a branch starts from its chain's pi_0")
-        base_path = branch_chain[0]["path"]
+        round_chain = [chain.chain_entry(link["path"]) for link in branch_chain]
+        base_path = round_chain[0]["path"]
     else:
         base_path = bootstrap_base(args, tokenizer, dist, device)
-    block_size = read_config(base_path).block_size
-    tokenized, world = load_stage_data(args, sources, tokenizer, block_size)
+        round_chain = [chain.chain_entry(base_path)]
+    if args.resume:  # every reused round and state is checked before metrics.jsonl is touched
+        chain.check_resume_plan(args, {stage: pairs[0] for stage, pairs in tokenized.items()}, base_path)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     cache, rows = {}, []
-    if dist.is_main and not branch_chain:
-        rows.append(evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer, device, cache))
-        evaluate.append_jsonl(metrics_path, rows[-1])
-    round_chain = branch_chain or [{"path": base_path, **read_metadata(base_path)}]
+    if dist.is_main:
+        runs.start_metrics(metrics_path, args.resume)
+        if not branch_chain:  # a branch's earlier rounds were evaluated by the run that made them
+            rows.append(evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer, device,
+                                       cache))
+            runs.append_metrics(metrics_path, rows[-1], run_id)
     for n, stage in enumerate(args.stage, start=args.first_round):
         t0 = time.time()
         path = chain.round_path(args.out, n, stage)
-        if args.resume and os.path.exists(path):
-            chain.check_resumable(path, round_chain, stage, args)
+        if args.resume and os.path.exists(path):  # its settings were checked by check_resume_plan
             dist.print(f"[round {n}] {path} already complete; reusing it")
         else:
             path = train_round(args, n, stage, round_chain, tokenized[stage][0], dist, device)
-        round_chain.append({"path": path, **read_metadata(path)})
+        round_chain.append(chain.chain_entry(path))
         if dist.is_main:
-            rows.append(evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer, device, cache))
+            chain.check_unchanged(round_chain[0], round_chain[-1])  # pi_0 and pi_n, as evaluated below
+            rows.append(evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer, device, cache,
+                                       parent_path=round_chain[-2]["path"]))
             rows[-1]["seconds"] = round(time.time() - t0, 1)
-            evaluate.append_jsonl(metrics_path, rows[-1])
+            runs.append_metrics(metrics_path, rows[-1], run_id)
             print(evaluate.format_table(rows[-1:], evaluate_columns(rows, args.all_stages)))
     if dist.is_main:
         print("\nResults (acc = held-out implicit-reward accuracy, Delta log(pi_k/pi_0) > 0 on the labelled pairs;")
@@ -420,12 +452,13 @@ def main(argv=None):
         print(evaluate.format_table(rows, evaluate_columns(rows, args.all_stages)))
         if world is not None:
             print(f"\nTraining health: after each round, mean held-out dlogp(y_w) vs pi_0 >= -{evaluate.MAX_DISPLACEMENT:g} "
-                  f"nats, end-of-text >= {evaluate.MIN_EOT_RATE:g}, own acc_true >= {evaluate.MIN_OWN_ACCURACY:g}:")
+                  f"nats, end-of-text >= {evaluate.MIN_EOT_RATE:g}, the round's own accuracy >= {evaluate.MIN_OWN_ACCURACY:g}:")
             for row in rows[1:]:
                 row["health"] = evaluate.health_check(row, args.all_stages[: row["round"]])
             print(evaluate.format_table(rows, health_columns(args.all_stages)))
         evaluate.plot_rounds(rows, os.path.join(args.out, "scores.png"))
         print(f"\ncheckpoints, {metrics_path} and scores.png are in {args.out}/")
+        lock.release()
     dist.close()
     return rows
 
@@ -444,13 +477,18 @@ def health_columns(stages):
     """Likelihood displacement, fluency, and whether each round moved its own dimension."""
     keys = [("round", "round"), ("stage", "stage")]
     keys += [(f"chosen_logp_change/{s}", f"dlogp(y_w) {s}") for s in dict.fromkeys(stages)]
-    keys += [(f"acc_true/{s}", f"acc_true {s}") for s in dict.fromkeys(stages)]
+    keys += [("acc_round_own", "own acc (round)")]
     return keys + [("eot_rate", "end-of-text"), ("template_rate", "well-formed"), ("health", "criteria")]
 
+
+# Problems the user can fix: printed as one line "error: ...", exit code 2, no traceback.
+USER_ERRORS = (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
+               TokenizerError, world_mod.WorldError)
 
 if __name__ == "__main__":
     try:
         main()
-    except (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+            print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, however long
         sys.exit(2)

@@ -19,7 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from spo_min.checkpoint import CheckpointError, atomic_write, read_metadata
+from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata
+from spo_min import data
+from spo_min.runs import check_finite, compare_settings, round_settings
 
 
 class ChainError(CheckpointError):
@@ -36,11 +38,6 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def parent_fields(parent_path):
-    """Metadata that ties a round to the exact file it started from."""
-    return {"parent": os.path.abspath(parent_path), "parent_sha256": file_sha256(parent_path)}
 
 
 def round_lambdas(args, round_chain):
@@ -67,7 +64,7 @@ def first_round(args):
     return getattr(args, "first_round", 1)
 
 
-DEFAULT_ALPHA = 1.0  # with beta = 1: lambda = 1, the earlier reward counts as much as the new one
+DEFAULT_ALPHA = 0.5  # with beta = 1: lambda = 0.5, the earlier reward counts half as much as the new one
 
 
 def resolve_hyperparameters(args):
@@ -134,16 +131,63 @@ def check_chain_complete(out_dir, stages):
             return
 
 
-def check_resumable(path, round_chain, stage, args):
-    """A finished round may be reused only if it was trained from this chain with these settings."""
-    meta = read_metadata(path)
-    parent = round_chain[-1]["path"]
-    expected = {"stage": stage, "loss": args.loss, "beta": args.beta, "margin_mode": args.margin,
-                "parent_sha256": file_sha256(parent)}
-    for key, value in expected.items():
-        if meta.get(key) != value:
-            raise ChainError(f"{path}: metadata '{key}' is {meta.get(key)!r}, this run needs {value!r}. "
-                             "It belongs to another run: use another --out, or drop --resume to retrain")
+def check_resumable(path, expected):
+    """A finished round may be reused only if it was trained from this chain with these settings.
+
+    `expected` is runs.round_settings(...) of this run; every key must match the recorded one.
+    """
+    compare_settings(f"--resume: {path}", read_metadata(path), expected,
+                     "use another --out, or drop --resume to retrain every round")
+
+
+def check_resume_plan(args, train_pairs, base_path):
+    """With --resume, check everything the run will reuse before it writes anything.
+
+    Walks the rounds in order: each finished round must match this run's settings (and becomes
+    the next round's parent); the first unfinished round's state, if any, must match too and be
+    complete and finite. train_pairs: stage -> the round's tokenized training pairs.
+    """
+    parent = base_path
+    links = [read_metadata(base_path)]  # the chain so far: round n's lambdas need its earlier betas
+    for n, stage in enumerate(args.stage, start=1):
+        path = round_path(args.out, n, stage)
+        settings = round_settings(args, n, stage, round_lambdas(args, links), data.fingerprint(train_pairs[stage]),
+                                  file_sha256(parent))
+        if os.path.exists(path):
+            check_resumable(path, settings)
+            parent = path
+            links.append(read_metadata(path))
+            continue
+        state = path.replace(".safetensors", ".state.safetensors")
+        if os.path.exists(state):  # a trial load into a scratch copy of the parent
+            model, _ = load_model(parent)
+            load_train_state(state, model, torch.optim.AdamW(model.parameters()), settings)
+        return
+
+
+def check_unchanged(*entries):
+    """Each chain member is still the file the chain saw (same sha256).
+
+    A frozen policy is re-read several times in a run (reference, margin, evaluation); if the file
+    changed meanwhile (another process, a copy), the run would silently mix two models.
+    """
+    for entry in entries:
+        found = file_sha256(entry["path"])
+        if found != entry["sha256"]:
+            raise ChainError(f"{entry['path']} changed during this run (sha256 {found[:12]}.., the chain "
+                             f"recorded {entry['sha256'][:12]}..): another process wrote to --out; "
+                             "rerun with one run per --out")
+
+
+def load_verified(entry, device="cpu"):
+    """Load a chain member (pi_0 .. pi_{n-1}) after checking it is unchanged."""
+    check_unchanged(entry)
+    return load_model(entry["path"], device=device)
+
+
+def chain_entry(path):
+    """A chain member: its path, its metadata and the sha256 later loads are checked against."""
+    return {"path": path, **read_metadata(path), "sha256": file_sha256(path)}
 
 
 def save_train_state(path, model, optimizer, step, meta):
@@ -157,25 +201,43 @@ def save_train_state(path, model, optimizer, step, meta):
             for key, value in optimizer.state.get(p, {}).items():
                 tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone().reshape(-1)
     header = {"spo_min.train_state": json.dumps({"step": step, **meta})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), nbytes)
 
 
-def load_train_state(path, model, optimizer, parent_path):
-    """Restore a state written by save_train_state; returns the step to continue from."""
+ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def load_train_state(path, model, optimizer, expected):
+    """Restore a state written by save_train_state; returns the step to continue from.
+
+    Refuses a state made with other settings (`expected`: runs.round_settings of this run), one
+    missing any weight or AdamW slot (a resume would not be bit-exact), and non-finite weights.
+    """
+    restart = f"delete {path} to restart the round"
     try:
         with safe_open(path, framework="pt") as f:
             state_meta = json.loads(f.metadata()["spo_min.train_state"])
         tensors = load_file(path)
+        step = int(state_meta["step"])
     except Exception as err:
-        raise ChainError(f"{path}: not a readable round state ({err}); delete it to restart the round") from None
-    if state_meta.get("parent_sha256") != file_sha256(parent_path):
-        raise ChainError(f"{path}: this round state was trained from another {parent_path}; "
-                         "delete it to restart the round, or restore the original parent checkpoint")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        raise ChainError(f"{path}: not a readable round state ({err}); {restart}") from None
+    compare_settings(f"--resume: {path}", state_meta, expected, f"use another --out, or {restart}")
+    if not 0 < step < expected["steps"]:
+        raise ChainError(f"{path}: step {step} is outside this round's 1..{expected['steps'] - 1}; {restart}")
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     named = dict(model.named_parameters())
+    wanted = set(model.state_dict()) | {f"optim.{name}.{slot}" for name in named for slot in ADAMW_SLOTS}
+    have = set(weights) | {k for k in tensors if k.startswith("optim.")}
+    if wanted != have:
+        odd = sorted(wanted ^ have)
+        raise ChainError(f"{path}: incomplete round state ({len(odd)} weights or AdamW slots missing or "
+                         f"unexpected, e.g. '{odd[0]}'); {restart}")
+    model.load_state_dict(weights)
+    check_finite(model, path, restart)
     for key, value in tensors.items():
         if key.startswith("optim."):
             name, _, slot = key[len("optim."):].rpartition(".")
             param = named[name]
             optimizer.state[param][slot] = value.reshape(()) if slot == "step" else value.reshape(param.shape)
-    return int(state_meta["step"])
+    return step

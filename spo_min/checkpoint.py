@@ -20,9 +20,11 @@ Their config is inferred from tensor shapes, except n_head, which no shape revea
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
+import shutil
 import warnings
 from pathlib import Path
 
@@ -42,6 +44,7 @@ _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.floa
 _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
 # HF GPT-2 files may carry the causal mask as buffers: constants, not weights (often uint8/bool).
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
 
@@ -52,12 +55,13 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------- writing
 
 
-def atomic_write(path, write_fn) -> None:
+def atomic_write(path, write_fn, nbytes: int | None = None) -> None:
     """Call write_fn(tmp_path) on a temp file in path's folder, then rename it to path.
 
     os.replace is atomic within one filesystem: readers see the old file or the complete new
-    one, never half a checkpoint. If write_fn fails, the temp file is removed and path is
-    untouched.
+    one, never half a checkpoint. If write_fn fails, the temp file is removed, path is
+    untouched, and the error (a full disk, most often) becomes a CheckpointError naming the
+    path and the free space (nbytes: the size the file needs, when the caller knows it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +71,20 @@ def atomic_write(path, write_fn) -> None:
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 1e6
+        need = "" if nbytes is None else f", {nbytes / 1e6:.1f} MB needed"
+        raise CheckpointError(f"cannot write {path}: {err} ({free:.1f} MB free{need})") from None
+    except BaseException:  # KeyboardInterrupt and the like: clean up, then let it through
         tmp.unlink(missing_ok=True)
         raise
+    # The rename lives in the folder's entry table: fsync the folder so it survives a power cut.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "spo") -> None:
@@ -108,7 +123,8 @@ def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "sp
         _KEY_CONFIG: json.dumps(model.config.to_dict()),
         _KEY_METADATA: metadata_json,
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), nbytes)
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -146,19 +162,43 @@ def read_header(path) -> tuple[dict, dict]:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
+    except RecursionError:  # a hostile header nested thousands of levels deep
+        raise CheckpointError(f"{not_safetensors} (the header is nested too deeply)") from None
     except ValueError as err:
         raise CheckpointError(f"{not_safetensors} ({err})") from None
     file_metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(file_metadata, dict) and all(isinstance(v, str) for v in file_metadata.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header: '__metadata__' must map strings to strings")
     data_bytes = size - 8 - n
+    ranges = []
     for key, info in header.items():
         if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for key '{key}': {info!r}")
-        begin, end = info["data_offsets"]
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for key '{key}': {str(info)[:200]}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        is_count = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0  # noqa: E731
+        if not (isinstance(info["dtype"], str) and isinstance(shape, list) and all(map(is_count, shape))
+                and isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for key '{key}': expected a dtype "
+                                  f"string, a shape of counts and data_offsets [begin, end], got {str(info)[:200]}")
+        begin, end = offsets
+        itemsize = _ITEMSIZE.get(info["dtype"])
+        if itemsize is not None and end - begin != itemsize * math.prod(shape):
+            raise CheckpointError(f"{path}: corrupt safetensors header: key '{key}' ({info['dtype']} {shape}) "
+                                  f"needs {itemsize * math.prod(shape)} bytes, its data_offsets give {end - begin}")
         if end > data_bytes:
             raise CheckpointError(
                 f"{path}: truncated: key '{key}' needs data bytes [{begin}, {end}) but the file holds "
                 f"only {data_bytes}; the file was cut short (interrupted copy or save?): copy or save it again"
             )
+        ranges.append((begin, end, key))
+    # Tensors tile the data section: each one starts where the previous one ends (safetensors' rule).
+    position = 0
+    for begin, end, key in sorted(ranges):
+        if begin != position:
+            raise CheckpointError(f"{path}: corrupt safetensors header: key '{key}' starts at data byte {begin}, "
+                                  f"expected {position} (tensors overlap or leave a gap)")
+        position = end
     return header, file_metadata
 
 
@@ -188,7 +228,9 @@ def _parse_our_header(path, file_metadata: dict) -> tuple[str, dict | None, dict
     try:
         config = json.loads(file_metadata[_KEY_CONFIG])
         metadata = json.loads(file_metadata[_KEY_METADATA])
-    except (KeyError, ValueError) as err:
+        if not (isinstance(config, dict) and isinstance(metadata, dict)):
+            raise ValueError("config and metadata must be JSON objects")
+    except (KeyError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{path}: corrupt spo-min metadata in the header ({err!r})") from None
     return layout, config, metadata
 
@@ -200,8 +242,10 @@ def _read_hf_config(path: Path, inferred: dict) -> dict:
         return {}
     try:
         hf = json.loads(config_path.read_text())
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path}: a JSON {type(hf).__name__}; expected an object like transformers' GPT-2 config")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):

@@ -192,6 +192,8 @@ def load_pairs(path, fmt: str = "auto", dimension: str | None = None,
             except json.JSONDecodeError as err:
                 raise _BadRow("bad json", f"invalid JSON ({err.msg} at column {err.colno}); "
                                           "expected one JSON object per line") from None
+            except RecursionError:  # a line nested thousands of levels deep
+                raise _BadRow("bad json", "JSON nested too deeply; expected one flat JSON object per line") from None
             if not isinstance(row, dict):
                 raise _BadRow("bad json", f"a JSON {type(row).__name__}, not an object; expected one object per line")
             if report.fmt == "auto":

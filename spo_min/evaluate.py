@@ -234,7 +234,7 @@ def world_scores(world_prompts, responses, ended=None):
 # What "training that does not degenerate" means here (README.md): after every round, the
 # preferred held-out responses lost at most this many nats on average against pi_0, at least this
 # share of samples ended with end-of-text, and the round moved its own dimension this far
-# (acc_true: held-out pairs ordered by their true scores).
+# (acc_round_own: Delta log(pi_n/pi_{n-1}) on its held-out pairs, against their TRUE order).
 MAX_DISPLACEMENT, MIN_EOT_RATE, MIN_OWN_ACCURACY = 5.0, 0.95, 0.7
 
 
@@ -247,7 +247,7 @@ def health_check(row, stages):
             problems.append(f"{dim} y_w {change:+.1f} nats")
     if row.get("eot_rate") is not None and row["eot_rate"] < MIN_EOT_RATE:
         problems.append(f"end-of-text {row['eot_rate']:.2f}")
-    own = row.get(f"acc_true/{row['stage']}")
+    own = row.get("acc_round_own")
     if own is not None and own < MIN_OWN_ACCURACY:
         problems.append(f"own accuracy {own:.2f}")
     return "ok" if not problems else "MISSES: " + ", ".join(problems)

@@ -15,12 +15,13 @@ def step_schedule(n_items, batch_size, steps, seed):
     """Index batches for every step, fixed up front from a private generator.
 
     Epochs are fresh permutations laid end to end, so a batch at an epoch boundary takes the last
-    items of one permutation and the first of the next.
+    items of one permutation and the first of the next. Every batch is full, even one larger than
+    the data (it then spans several epochs).
     """
     generator = torch.Generator().manual_seed(seed)
     order, schedule = [], []
     for _ in range(steps):
-        if len(order) < batch_size:
+        while len(order) < batch_size:
             order += torch.randperm(n_items, generator=generator).tolist()
         schedule.append(order[:batch_size])
         order = order[batch_size:]

@@ -103,7 +103,10 @@ def encoding_from_ranks_file(path: str | os.PathLike) -> tiktoken.Encoding:
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 encoding: 50257 ids, <|endoftext|> = 50256. Never downloads if a local copy exists."""
     if _tiktoken_cache_is_populated():
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception:  # a corrupt cache: tiktoken then tries to download again; use our copies
+            pass
     env_path = os.environ.get("SPO_MIN_GPT2_TIKTOKEN")
     if env_path:
         if not os.path.isfile(env_path):

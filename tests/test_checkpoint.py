@@ -10,6 +10,7 @@ head split, an off-by-one position) changes logits by 0.1 or more.
 import json
 import os
 import pathlib
+import shutil
 import warnings
 
 import pytest
@@ -288,7 +289,7 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
             f.write(b"partial")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"cannot write .*out\.bin: disk full \(.* MB free\)"):
         atomic_write(target, half_then_fail)
     assert list((tmp_path / "sub").iterdir()) == []
 
@@ -325,3 +326,56 @@ def test_header_metadata_is_json_strings(tmp_path):
     assert json.loads(header["spo_min.config"]) == config.to_dict()
     assert json.loads(header["spo_min.metadata"]) == {"beta": 0.1}
     assert header["spo_min.layout"] == "spo" and header["spo_min.format"] == checkpoint.FORMAT_TAG
+
+
+def raw_safetensors(path, header):
+    """A file with exactly this JSON header (bytes or dict) and 16 data bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(16))
+    return path
+
+
+F32 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize("header, needle", [
+    (b"{" + b'"a":' * 1 + b"[" * 200_000 + b"]" * 200_000 + b"}", "the header is nested too deeply"),
+    ({"w": {**F32, "data_offsets": "0-16"}}, "corrupt safetensors header entry for key 'w': expected a dtype"),
+    ({"w": {**F32, "shape": "2x2"}}, "corrupt safetensors header entry for key 'w': expected a dtype"),
+    ({"w": {**F32, "data_offsets": [16, 0]}}, "corrupt safetensors header entry for key 'w'"),
+    ({"w": {**F32, "shape": [3, 2]}}, "key 'w' (F32 [3, 2]) needs 24 bytes, its data_offsets give 16"),
+    ({"a": {**F32, "shape": [2], "data_offsets": [0, 8]}, "b": {**F32, "shape": [2], "data_offsets": [4, 12]}},
+     "key 'b' starts at data byte 4, expected 8 (tensors overlap or leave a gap)"),
+    ({"w": F32, "__metadata__": ["not", "a", "dict"]}, "'__metadata__' must map strings to strings"),
+    ({"w": F32, "__metadata__": {"spo_min.format": "spo-min-gpt2/1", "spo_min.layout": "spo",
+                                 "spo_min.config": "{}", "spo_min.metadata": "[1, 2]"}},
+     "corrupt spo-min metadata in the header"),
+], ids=["deep", "offsets-type", "shape-type", "offsets-reversed", "size", "overlap", "metadata-list",
+        "user-metadata-list"])
+def test_hostile_headers_give_one_clear_error(tmp_path, header, needle):
+    path = raw_safetensors(tmp_path / "bad.safetensors", header)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert needle in str(err.value) and "bad.safetensors" in str(err.value)
+
+
+def test_hf_config_json_that_is_not_an_object(tmp_path, odd_hf):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shutil.copy(odd_hf[1], folder / "model.safetensors")
+    (folder / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match=r"config\.json: a JSON list; expected an object"):
+        load_model(folder / "model.safetensors")
+
+
+def test_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    synced = []  # what each fsync was called on, in order
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append("folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", record)
+    atomic_write(tmp_path / "x.bin", lambda tmp: pathlib.Path(tmp).write_bytes(b"data"))
+    assert synced == ["file", "folder"]  # data on disk before the rename, the rename after it

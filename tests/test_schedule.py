@@ -31,3 +31,10 @@ def test_cosine_lr_warms_up_then_decays_to_the_floor():
     assert math.isclose(cosine_lr(middle, total, peak), peak * (0.1 + 0.9 * 0.5))
     lrs = [cosine_lr(s, total, peak) for s in range(20, total + 1)]
     assert all(x >= y for x, y in zip(lrs, lrs[1:]))  # monotone decay after warm-up
+
+
+def test_a_batch_larger_than_the_data_is_still_full():
+    schedule = step_schedule(3, 8, 4, seed=0)
+    assert [len(b) for b in schedule] == [8] * 4
+    flat = [i for b in schedule for i in b]
+    assert all(sorted(flat[k : k + 3]) == [0, 1, 2] for k in range(0, 30, 3))  # whole epochs, in order

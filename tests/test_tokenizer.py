@@ -93,3 +93,12 @@ def test_env_var_pointing_nowhere(offline, monkeypatch, tmp_path):
     monkeypatch.setenv("SPO_MIN_GPT2_TIKTOKEN", str(tmp_path / "missing.tiktoken"))
     with pytest.raises(TokenizerError, match=r"SPO_MIN_GPT2_TIKTOKEN=.*missing\.tiktoken is not a file"):
         get_tokenizer()
+
+
+def test_garbage_in_tiktoken_cache_falls_back_to_local_ranks(offline):
+    # A cache whose files fail tiktoken's sha256: tiktoken would try to download them again
+    # (a ConnectionError offline); the bundled ranks are used instead.
+    bundled_ranks()
+    for key in tok._GPT2_CACHE_KEYS:
+        (offline / key).write_bytes(b"garbage")
+    assert get_tokenizer().encode("Hello world") == [15496, 995]

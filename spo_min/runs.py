@@ -1,0 +1,334 @@
+"""A run you can trust: what a run records, what it checks before training, what it may reuse.
+
+A training run writes into one folder (--out) and may reuse what an earlier run left there: the
+SFT base, finished rounds, a mid-round state. Reuse is only safe when the file was produced by
+exactly the settings this run would use, so every checkpoint and state records the settings that
+determine its weights, and reuse compares them all:
+
+    base   model config, sft_steps, sft_lr, seed, fingerprint of the SFT data
+    round  stage, loss, beta, lambdas, margin mode/alpha (where a margin exists), lr, steps,
+           batch size, seed, average_logps, dtype, fingerprint of the round's data, parent sha256
+
+A mismatch stops the run with one line naming the setting, both values and what to do. Settings
+that cannot change the weights (--ref cache vs live, --save-every, evaluation sizes) are not
+compared: they only change how the same numbers are computed or reported.
+
+Everything the command line alone can get wrong is checked before the first step (`preflight`),
+a lock file stops two runs from sharing one --out, and metrics rows carry the id of the run
+that wrote them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+
+import torch
+
+from spo_min.checkpoint import CheckpointError, read_config, read_header, _parse_our_header
+from spo_min.model import GPT, PRESETS, GPTConfig
+
+
+class RunError(CheckpointError):
+    """A run that cannot start or continue as asked; the message says what to do instead."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+# Which command-line flag sets each recorded setting (for "run with the same --beta" in messages).
+FLAGS = {"stage": "--stage", "loss": "--loss", "beta": "--beta", "lambdas": "--lambdas/--alpha",
+         "margin_mode": "--margin", "alpha": "--alpha", "lr": "--lr", "warmup": "--warmup", "steps": "--steps",
+         "batch_size": "--batch-size", "seed": "--seed", "average_logps": "--average-logps",
+         "dtype": "--dtype", "data_fingerprint": "--data and --seed", "config": "--model",
+         "sft_steps": "--sft-steps", "sft_lr": "--sft-lr"}
+
+
+def round_settings(args, n, stage, lambdas, data_fingerprint, parent_sha256):
+    """The settings that determine round n's weights, as recorded in its checkpoint and states."""
+    with_margin = args.loss == "spo" and n > 1  # round 1 (and sequential DPO) has no margin
+    return {"stage": stage, "loss": args.loss, "beta": args.beta, "lambdas": lambdas,
+            "margin_mode": args.margin if with_margin else None,
+            # alpha shapes the margin only through the lambdas, except in the telescoped form
+            "alpha": args.alpha if with_margin and args.margin == "telescoped" else None,
+            "lr": args.lr, "warmup": args.warmup, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+            "average_logps": args.average_logps, "dtype": args.dtype,
+            "data_fingerprint": data_fingerprint, "parent_sha256": parent_sha256}
+
+
+def base_settings(args, config, data_fingerprint):
+    """The settings that determine the SFT base pi_0's weights."""
+    return {"config": config.to_dict(), "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
+            "seed": args.seed, "data_fingerprint": data_fingerprint}
+
+
+def _show(key, value):
+    if key == "config":
+        preset = [name for name, p in PRESETS.items() if GPTConfig(**p).to_dict() == value]
+        return f"{preset[0]} ({value})" if preset else repr(value)
+    return repr(value)
+
+
+def compare_settings(what, recorded, expected, fix):
+    """Refuse reuse of `what` when any recorded setting differs from this run's.
+
+    One line: the setting, both values, and what to do (`fix` says how to start over).
+    """
+    for key, want in expected.items():
+        have = recorded.get(key)
+        if have == want:
+            continue
+        if key == "parent_sha256":  # no flag sets it: the file it started from has changed
+            raise RunError(f"{what} was trained from another parent checkpoint (sha256 {str(have)[:12]}.., this "
+                           f"run's parent has {want[:12]}..): {fix}")
+        flag = FLAGS.get(key, key)
+        raise RunError(f"{what} was made with {key}={_show(key, have)}, this run has {key}={_show(key, want)} "
+                       f"(set by {flag}): run with the same {flag} to reuse it, or {fix}")
+
+
+# ----------------------------------------------------------------------------- preflight
+
+def _check(ok, message):
+    if not ok:
+        raise RunError(message)
+
+
+def preflight(args, world_size=1):
+    """Every check the command line alone allows, before any file is written or any step taken."""
+    positive_ints = [("--steps", args.steps), ("--batch-size", args.batch_size), ("--save-every", args.save_every),
+                     ("--eval-pairs", args.eval_pairs)]
+    if args.eval_prompts is not None:  # None: every held-out prompt
+        positive_ints.append(("--eval-prompts", args.eval_prompts))
+    for flag, value in positive_ints:
+        _check(value >= 1, f"{flag} must be >= 1, got {value}")
+    for flag, value in [("--eval-samples", args.eval_samples), ("--warmup", args.warmup)]:
+        _check(value >= 0, f"{flag} must be >= 0, got {value}")  # --eval-samples 0: exact evaluation only
+    _check(args.world_temperature > 0 and math.isfinite(args.world_temperature),
+           f"--world-temperature must be a positive number, got {args.world_temperature}")
+    _check(args.world_cautious >= 0 and math.isfinite(args.world_cautious),
+           f"--world-cautious must be a finite number >= 0, got {args.world_cautious}")
+    _check(not (args.branch and args.resume), "--resume does not apply to --branch: a branch is cheap to "
+           "rerun into a fresh --out")
+    _check(args.sft_steps >= 0, f"--sft-steps must be >= 0, got {args.sft_steps}")
+    for flag, value in [("--sft-lr", args.sft_lr), ("--eval-temperature", args.eval_temperature)]:
+        _check(value > 0 and math.isfinite(value), f"{flag} must be a positive number, got {value}")
+    # NaN passes every comparison (nan < 0 is False), so non-finite values need their own check.
+    if args.alpha is not None:
+        _check(math.isfinite(args.alpha), f"--alpha must be a finite number, got {args.alpha}")
+    for text in args.lambdas or []:
+        for x in text.split(","):
+            try:
+                value = float(x)
+            except ValueError:
+                continue  # resolve_hyperparameters names malformed lists
+            _check(math.isfinite(value), f"--lambdas '{text}': every lambda must be a finite number")
+    _check(not (args.lambdas and args.margin == "telescoped"),
+           "--margin telescoped scales the margin by --alpha alone: give --alpha, not --lambdas "
+           "(or use --margin exact with --lambdas)")
+    if args.init is None:
+        _check(args.model in PRESETS, f"--model {args.model}: unknown size; choose one of {sorted(PRESETS)}")
+    _check(args.batch_size % world_size == 0,
+           f"--batch-size {args.batch_size} does not split over {world_size} processes: "
+           "make it a multiple of --nproc_per_node")
+    check_device(args.device)
+    for name in ("metrics.jsonl", "scores.png"):  # never write through a link into someone else's file
+        path = os.path.join(args.out, name)
+        _check(not os.path.islink(path), f"{path} is a symbolic link; spo-min writes its outputs only as "
+                                         "plain files: remove the link or use another --out")
+
+
+def check_device(requested):
+    if requested == "auto":
+        return
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise RunError(f"--device {requested}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        _check(torch.cuda.is_available(), f"--device {requested}: no CUDA GPU is available here; "
+                                          "use --device cpu (or auto)")
+        _check(device.index is None or device.index < torch.cuda.device_count(),
+               f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    elif device.type != "cpu":
+        raise RunError(f"--device {requested}: spo-min trains on cpu or cuda; use auto, cpu or cuda")
+
+
+def check_init(path):
+    """--init must be a readable checkpoint whose n_head is known (HF files need config.json)."""
+    if not os.path.isfile(path):
+        raise RunError(f"--init {path}: no such file (give a safetensors checkpoint)")
+    _, file_metadata = read_header(path)
+    _, config, _ = _parse_our_header(path, file_metadata)
+    if config is None and not os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")):
+        raise RunError(f"--init {path}: a Hugging Face file without its config.json; no weight shape tells "
+                       "the number of heads: put the model's config.json beside the file")
+    return read_config(path)
+
+
+def base_config(args):
+    """The GPTConfig of pi_0, known before it is built: from --init's header or the --model preset."""
+    return check_init(args.init) if args.init else GPTConfig.preset(args.model)
+
+
+def check_stage_data(args, tokenized, world_size=1):
+    """After loading every --data file: each stage can fill a batch and has held-out pairs."""
+    for stage, (train, heldout) in tokenized.items():
+        _check(args.batch_size <= len(train),
+               f"--batch-size {args.batch_size} is larger than stage '{stage}''s {len(train)} training pairs: "
+               f"use --batch-size {len(train) - len(train) % world_size or world_size} or less, or more data")
+        _check(len(heldout) > 0,
+               f"stage '{stage}' has no held-out pairs to evaluate on (5% of its prompts are held out, "
+               "and it has too few distinct prompts): give a file with at least 20 distinct prompts")
+
+
+def check_finite(model, what, fix):
+    """Refuse weights that are NaN or inf: every later step would only spread them."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RunError(f"{what} has non-finite weights (first: {bad[0]}): {fix}")
+
+
+# ----------------------------------------------------------------------------- disk space
+
+def checkpoint_bytes(config: GPTConfig) -> int:
+    """fp32 bytes of one checkpoint of this config (the header adds a few kB)."""
+    with torch.device("meta"):  # shapes only: no memory, no random numbers
+        n = sum(t.numel() for t in GPT(config).state_dict().values())
+    return 4 * n + 65536
+
+
+def check_free_space(out, config, with_state):
+    """Room for a round's files before it starts, rather than a failed save after it trained.
+
+    A checkpoint is one copy of the weights; a resumable state is three (weights and two AdamW
+    moments), and while a new state replaces the old one both exist: six copies at the peak.
+    """
+    need = checkpoint_bytes(config) * (6 if with_state else 1)
+    free = shutil.disk_usage(out).free
+    what = "its resumable states and checkpoint" if with_state else "its checkpoint"
+    _check(free >= need, f"--out {out}: {free / 1e6:.1f} MB free, a round needs about {need / 1e6:.1f} MB "
+                         f"({what}): free some space or use another --out")
+
+
+def explain_failed_save(err, state_path, parent_path):
+    """One line for a round checkpoint or state that could not be written (a full disk, most often).
+
+    The write was atomic, so the round's last state (or, before the first one, its parent) is
+    intact and --resume continues from there.
+    """
+    resume_from = state_path if os.path.exists(state_path) else parent_path
+    return RunError(f"{err}. Nothing was lost: {resume_from} is intact; free space and rerun with --resume "
+                    "to continue from it")
+
+
+# ----------------------------------------------------------------------------- lock
+
+_TMP = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # checkpoint.atomic_write's temporary names
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+class RunLock:
+    """`--out/.lock`, holding the pid and host of the run that uses the folder.
+
+    Created with O_EXCL, so two runs starting at once cannot both get it. A lock whose process is
+    gone (kill -9, a crash) is stale and taken over; one from another host cannot be checked and
+    must be removed by hand. Holding the lock also makes it safe to clear orphan temp files.
+    """
+
+    def __init__(self, out, run_id):
+        self.path = os.path.join(out, ".lock")
+        self.run_id = run_id
+        self.held = False
+
+    def acquire(self):
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):  # second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                self._clear_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record) + "\n")
+            self.held = True
+            atexit.register(self.release)  # on any exit but kill -9, which leaves a stale lock
+            self._remove_orphan_temp_files()
+            return self
+        raise RunError(f"{self.path}: could not take the lock (another run keeps creating it)")
+
+    def _clear_if_stale(self):
+        try:
+            with open(self.path) as f:
+                owner = json.loads(f.read())
+            pid, host = int(owner["pid"]), owner["host"]
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (ValueError, KeyError, TypeError, OSError):
+            raise RunError(f"{self.path}: unreadable lock file; if no run uses this folder, delete it") from None
+        if host != socket.gethostname():
+            raise RunError(f"{self.path}: --out is in use by pid {pid} on host {host}; wait for it, use another "
+                           "--out, or delete the lock if that run is gone")
+        # Our own pid: a lock left by an earlier train.main() call in this process (tests call it
+        # in-process); nothing else runs in this process at the same time.
+        if pid != os.getpid() and _pid_alive(pid):
+            raise RunError(f"{self.path}: --out is in use by another run (pid {pid}, started {owner.get('started')}); "
+                           "wait for it to finish or use another --out")
+        os.remove(self.path)
+
+    def _remove_orphan_temp_files(self):
+        # Temp files of a write killed half-way: never renamed, never read again.
+        out = os.path.dirname(self.path)
+        for name in os.listdir(out):
+            if _TMP.fullmatch(name):
+                os.remove(os.path.join(out, name))
+
+    def release(self):
+        if self.held:
+            self.held = False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def new_run_id():
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def _json_safe(value):
+    # JSON has no NaN: an undefined metric (e.g. accuracy over zero pairs) is written as null.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def start_metrics(path, resume):
+    """A fresh run starts metrics.jsonl empty; --resume appends to it."""
+    if not resume and os.path.lexists(path):
+        os.remove(path)
+
+
+def append_metrics(path, row, run_id):
+    """One JSON line per evaluation, tagged with the run that wrote it; never through a link."""
+    record = {"run_id": run_id, **{k: _json_safe(v) for k, v in row.items()}}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")

@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--ref", choices=["cache", "live"], default="cache",
                    help="reference log-probs cached once per round, or computed each step (fused kernel)")
+    p.add_argument("--logits", choices=["chunked", "full"], default="chunked",
+                   help="chunked: lm_head + log-probs fused, never the (tokens x vocab) logits "
+                        "(kernels/linear_logprobs.py); full: model.head then log-probs (the plain path)")
     p.add_argument("--average-logps", action="store_true", help="mean instead of sum over tokens (E9)")
     p.add_argument("--eval-prompts", type=int, default=96, help="held-out prompts sampled per evaluation")
     p.add_argument("--eval-samples", type=int, default=4, help="responses sampled per held-out prompt")
@@ -181,7 +184,7 @@ def frozen_round_inputs(round_chain, pairs, args, device):
     logps = {}
     for j in sorted(need):
         model, _ = load_model(round_chain[j]["path"], device=device)
-        logps[j] = frozen_sequence_logps(model, pairs, average=args.average_logps, device=device)
+        logps[j] = frozen_sequence_logps(model, pairs, average=args.average_logps, device=device, logits=args.logits)
         del model
     margin = torch.zeros(len(pairs))
     if with_margin:
@@ -264,7 +267,8 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         b = len(idx)
         try:
             with autocast:
-                policy_seq, live_ref = batch_sequence_logps(policy, batch, ref_model, average=args.average_logps)
+                policy_seq, live_ref = batch_sequence_logps(policy, batch, ref_model, average=args.average_logps,
+                                                            logits=args.logits)
             finite = torch.isfinite(policy_seq).all()
         except losses.LossInputError:  # E9 refuses NaN/inf token log-probs
             finite = torch.tensor(False)

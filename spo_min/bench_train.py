@@ -88,13 +88,13 @@ def run_worker(args):
     margin = torch.randn(len(pairs), generator=generator) * 0.5
     rss_before_steps = peak_rss_mb()  # torch, the model and its optimizer: the same for both paths
 
-    times, tokens = [], []
+    times, cpu_times, tokens = [], [], []
     for step in range(args.warmup + args.steps):
         idx = list(range(step * args.pairs, (step + 1) * args.pairs))
         batch = {k: v.to(device) for k, v in data.collate_pairs([pairs[i] for i in idx]).items()}
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         seq, _ = batch_sequence_logps(policy, batch, logits=args.logits)
         b = len(idx)
         loss, _ = losses.spo_loss(seq[:b], seq[b:], ref[idx, 0].to(device), ref[idx, 1].to(device),
@@ -106,6 +106,7 @@ def run_worker(args):
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - cpu0)
             tokens.append(int((batch["labels"] != -100).sum()))
 
     ms = statistics.median(times) * 1000
@@ -116,6 +117,9 @@ def run_worker(args):
         "p20_ms": round(statistics.quantiles(times, n=5)[0] * 1000, 1),
         "p80_ms": round(statistics.quantiles(times, n=5)[3] * 1000, 1),
         "pairs_per_s": round(args.pairs / (ms / 1000), 2),
+        # CPU time of all threads: the work done, less sensitive than wall time to other jobs
+        # sharing the cores (it is ~threads x wall time when the step parallelises well).
+        "cpu_ms_per_step": round(statistics.median(cpu_times) * 1000, 1),
         "scored_tokens_per_step": round(statistics.mean(tokens), 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_before_steps_mb": round(rss_before_steps, 1),
@@ -203,13 +207,14 @@ def main(argv=None):
     gpu = device.type == "cuda"
     print(f"device: {result['device']} | torch {torch.__version__} | {args.pairs} pairs/step, "
           f"{args.steps} timed steps, {args.repeats} run(s) per row")
-    header = f"{'logits':>8} {'mallopt':>7} {'ms/step':>8} {'p20':>7} {'p80':>7} {'pairs/s':>8} {'peak RSS MB':>12}"
+    header = (f"{'logits':>8} {'mallopt':>7} {'ms/step':>8} {'p20':>7} {'p80':>7} {'pairs/s':>8} "
+              f"{'CPU ms/step':>11} {'peak RSS MB':>12}")
     header += f" {'peak GPU MB':>12}" if gpu else ""
     print(header)
     print("-" * len(header))
     for r in rows:
         line = (f"{r['logits']:>8} {r['mallopt']:>7} {r['median_ms_per_step']:>8} {r['p20_ms']:>7} "
-                f"{r['p80_ms']:>7} {r['pairs_per_s']:>8} {r['peak_rss_mb']:>12}")
+                f"{r['p80_ms']:>7} {r['pairs_per_s']:>8} {r['cpu_ms_per_step']:>11} {r['peak_rss_mb']:>12}")
         print(line + (f" {r['peak_gpu_mb']:>12}" if gpu else ""))
     print(f"(before the first step every process holds ~{rows[0]['rss_before_steps_mb']:.0f} MB: torch, "
           "the model and AdamW)")

@@ -27,9 +27,11 @@ loss weights chosen and rejected rows, masks and beta differently; never assume 
     d loss / d h_c = (d loss / d x_c) W                         (K, C): each chunk owns its rows
     d loss / d W   = sum over chunks c of (d loss / d x_c)^T h_c    (V, C): every chunk adds to it
 
-so each chunk's logits are computed again from h_c and W (K x V x C multiply-adds: one extra
-lm_head matmul per step, the price of not keeping them), turned into their gradient in place, and
-multiplied out into the two gradients. Labels of -100 give log-prob 0 and gradient 0.
+so each chunk's logits are computed again from h_c and W, turned into their gradient in place,
+and multiplied out into the two gradients. That recomputation is the price of not keeping the
+logits: one more N x C x V matmul on top of the unfused path's three (forward, d h, d W), so
+where those matmuls dominate (a GPU at GPT-2's sizes) forward+backward takes up to ~4/3 of the
+unfused time. Labels of -100 give log-prob 0 and gradient 0.
 
 GPT-2's W is the token embedding: the embedding's own gradient (from the input lookup) and this
 weight gradient are two contributions to one tensor. Autograd adds them, exactly as for
@@ -83,11 +85,14 @@ from kernels.logprobs import (
 )
 
 # Rows of logits per chunk. Bigger chunks make the lm_head matmuls more efficient; smaller ones
-# hold less memory. CPU: 64 rows of V = 50257 fp32 are 13 MB, which stays in a 32 MB L3 cache
-# while the chunk's lse, softmax gradient and matmuls read it again; measured with
-# spo_min/bench_train.py on the 2-core CPU (see the table in the README), 64 was fastest of
-# 32/64/128/256. GPU: 512 rows keep the (512, 768) x (768, 50257) matmul large enough for the
-# tensor cores (40 GFLOP per chunk) while a bf16 chunk is 51 MB (the memory arithmetic above).
+# hold less memory. CPU: 64 rows of V = 50257 fp32 are 13 MB, which fits the 32 MB L3 cache of
+# the 2-core machine while the chunk's lse, softmax gradient and matmuls read it again. Measured
+# there (one thread, CPU time, other jobs sharing the cores), the lm_head + log-probs forward and
+# backward at N = 480, C = 128 took 835 / 755 / 715 / 819 ms in chunks of 32 / 64 / 128 / 256
+# rows (727 ms unfused); whole spo_min/bench_train.py steps took the same time at 64 and 128 rows
+# (974 vs 984 ms) with peak RSS 691 vs 722 MB: 64. GPU: 512 rows keep the (512, 768) x
+# (768, 50257) matmul large enough for the tensor cores (40 GFLOP per chunk) while a bf16 chunk
+# is 51 MB (the memory arithmetic above); not yet measured on a GPU (kernels/gpu_check.sh).
 CHUNK_ROWS_CPU = 64
 CHUNK_ROWS_GPU = 512
 

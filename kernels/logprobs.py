@@ -1,9 +1,11 @@
 """Per-token log-probabilities of the labels, for the policy and the reference in one pass.
 
-This is the only place where spo-min touches the (N, V) logits: everything after it (sequence
-sums E9, the SPO margin E6, the loss E5) works on (N,) numbers. Read it top to bottom:
-the math, the plain-torch reference, the Triton forward kernel, the Triton backward kernel,
-the autograd wiring, and the dispatcher `token_logprobs`.
+This is where spo-min turns (N, V) logits into N numbers: everything after it (sequence sums
+E9, the SPO margin E6, the loss E5) works on (N,) numbers. kernels/linear_logprobs.py goes one
+step further and never builds the (N, V) logits at all, running these same kernels on one chunk
+of rows at a time (launch_forward / launch_backward). Read it top to bottom: the math, the
+plain-torch reference, the Triton forward kernel, the Triton backward kernel, the autograd
+wiring, and the dispatcher `token_logprobs`.
 
 The math
 --------

@@ -26,7 +26,7 @@ from kernels.logprobs import token_logprobs, triton_available
 from spo_min import chain, data, evaluate, losses
 from spo_min.checkpoint import CheckpointError, load_model, read_config, read_metadata, save_model
 from spo_min.ddp import Distributed
-from spo_min.logps import batch_sequence_logps, frozen_sequence_logps
+from spo_min.logps import batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
 from spo_min.model import GPT, GPTConfig
 from spo_min.schedule import cosine_lr, step_schedule
 from spo_min.tokenizer import get_tokenizer
@@ -325,6 +325,11 @@ def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tok
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.logits == "full":
+        # glibc: keep freed (N, V) logits for reuse. ~30% less CPU per step on the 2-core CPU
+        # (616 vs 875 ms); no gain with "chunked" (886 vs 902 ms) and a higher peak RSS, so only
+        # here. The measurement: spo_min/logps.py keep_freed_memory_in_process.
+        keep_freed_memory_in_process()
     if not args.stage:
         raise TrainError("give at least one --stage, e.g. --stage helpful --stage harmless")
     dist = Distributed.from_env()

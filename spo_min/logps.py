@@ -32,28 +32,6 @@ from spo_min.losses import sequence_logps
 LOGITS_PATHS = ("chunked", "full")
 
 
-def keep_freed_memory_in_process() -> bool:
-    """glibc only: let big freed blocks stay in the process for reuse (notebook 04's finding).
-
-    glibc mmaps every block above M_MMAP_THRESHOLD (at most 32 MiB) and unmaps it on free, so the
-    next step page-faults it in again. The "full" path's (N, V) logits are ~100 MB per step on
-    the CPU setup: measured with spo_min/bench_train.py (2-core CPU, one thread, CPU time per
-    step, other jobs sharing the cores), 616 ms with this setting against 875 ms without, at a
-    peak RSS of 1102 vs 976 MB. The "chunked" path allocates nothing above 32 MiB, so glibc
-    already reuses its blocks: 886 vs 902 ms, 690 vs 673 MB. Same as exporting
-    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ before start-up. Returns False where
-    there is no glibc (nothing changes: only slower).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-
-
 def _scored_hidden(model, input_ids, scored):
     return model.hidden_states(input_ids)[scored]  # (N_scored, C): only the positions E9 sums
 
@@ -113,3 +91,25 @@ def frozen_sequence_logps(model, tokenized_pairs, batch_size=32, average=False, 
     model.train(was_training)
     empty = torch.zeros(0)
     return (torch.cat(chosen) if chosen else empty), (torch.cat(rejected) if rejected else empty)
+
+
+def keep_freed_memory_in_process() -> bool:
+    """glibc only: let big freed blocks stay in the process for reuse (notebook 04's finding).
+
+    glibc mmaps every block above M_MMAP_THRESHOLD (at most 32 MiB) and unmaps it on free, so the
+    next step page-faults it in again. The "full" path's (N, V) logits are ~100 MB per step on
+    the CPU setup: measured with spo_min/bench_train.py (2-core CPU, one thread, CPU time per
+    step, other jobs sharing the cores), 616 ms with this setting against 875 ms without, at a
+    peak RSS of 1102 vs 976 MB. The "chunked" path allocates nothing above 32 MiB, so glibc
+    already reuses its blocks: 886 vs 902 ms, 690 vs 673 MB. Same as exporting
+    MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ before start-up. Returns False where
+    there is no glibc (nothing changes: only slower).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False

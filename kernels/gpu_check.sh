@@ -14,6 +14,8 @@
 #   train_demo.json              a short two-round train.py run on CUDA: its metrics and wall time
 #   steps.json                   every step: exit code, seconds, log file (a failed step never
 #                                stops the others; its log says why)
+#   logs.tar.gz                  every step's log and pytest's junit XML (8 files in all: what a
+#                                remote runner that returns few files can bring back)
 #
 # The train.py demo tokenizes text: it needs the GPT-2 BPE ranks offline (spo_min/tokenizer.py):
 # set SPO_MIN_GPT2_TIKTOKEN to a copy of gpt2.tiktoken, or have openai-whisper's asset installed.
@@ -28,19 +30,21 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0  # compiled kernels, never Triton's CPU interpreter
 export PYTHONUNBUFFERED=1
-STEPS="$OUT/steps.tsv"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+STEPS="$LOGS/steps.tsv"
 : >"$STEPS"
 
-# step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log, record the outcome.
+# step NAME SECONDS COMMAND...: run with a time limit, log to LOGS/NAME.log, record the outcome.
 step() {
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$*" >>"$STEPS"
-    tail -n 25 "$OUT/$name.log"
+    tail -n 25 "$LOGS/$name.log"
     echo "== $name: exit $rc after $((SECONDS - start))s"
 }
 
@@ -66,8 +70,8 @@ if not torch.cuda.is_available():
 EOF
 
 step kernel_tests 150 "$PY" -m pytest tests/test_logprobs.py tests/test_linear_logprobs.py -q -o addopts= \
-    -p no:cacheprovider --junitxml="$OUT/kernel_tests.xml"
-"$PY" - "$OUT/kernel_tests.xml" "$OUT/kernel_tests.json" <<'EOF'
+    -p no:cacheprovider --junitxml="$LOGS/kernel_tests.xml"
+"$PY" - "$LOGS/kernel_tests.xml" "$OUT/kernel_tests.json" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET
 try:
     cases = ET.parse(sys.argv[1]).getroot().iter("testcase")
@@ -90,19 +94,21 @@ step bench_train 60 "$PY" -m spo_min.bench_train --device cuda --out "$OUT/bench
 
 # A short demo on the built-in world: SFT base, then two SPO rounds, on the GPU.
 step train_demo 50 "$PY" train.py --stage helpful --stage harmless --device cuda --model tiny \
-    --sft-steps 100 --steps 30 --eval-prompts 16 --no-grad-check --out "$OUT/train_demo_run"
+    --sft-steps 100 --steps 30 --eval-prompts 16 --no-grad-check --out "$LOGS/train_demo_run"
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-metrics = out / "train_demo_run" / "metrics.jsonl"
+metrics = out / "logs" / "train_demo_run" / "metrics.jsonl"
 rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+steps = [line.split("\t") for line in (out / "logs" / "steps.tsv").read_text().splitlines()]
 demo = next((s for s in steps if s[0] == "train_demo"), None)
 json.dump({"exit_code": int(demo[1]) if demo else None, "seconds": int(demo[2]) if demo else None,
            "command": demo[3] if demo else None, "metrics": rows}, open(out / "train_demo.json", "w"), indent=2)
-json.dump([{"step": s[0], "exit_code": int(s[1]), "seconds": int(s[2]), "command": s[3], "log": f"{s[0]}.log"}
+json.dump([{"step": s[0], "exit_code": int(s[1]), "seconds": int(s[2]), "command": s[3], "log": f"logs.tar.gz: logs/{s[0]}.log"}
            for s in steps], open(out / "steps.json", "w"), indent=2)
 for s in steps:
     print(f"{s[0]:>24}: exit {s[1]:>3} after {s[2]:>4}s")
 EOF
-rm -rf "$OUT/train_demo_run"  # checkpoints: not results (metrics.jsonl is in train_demo.json)
+rm -rf "$LOGS/train_demo_run"  # checkpoints: not results (metrics.jsonl is in train_demo.json)
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+ls -l "$OUT"

@@ -1,9 +1,11 @@
 """Per-token log-probabilities of the labels, for the policy and the reference in one pass.
 
-This is the only place where spo-min touches the (N, V) logits: everything after it (sequence
-sums E9, the SPO margin E6, the loss E5) works on (N,) numbers. Read it top to bottom:
-the math, the plain-torch reference, the Triton forward kernel, the Triton backward kernel,
-the autograd wiring, and the dispatcher `token_logprobs`.
+This is where spo-min turns (N, V) logits into N numbers: everything after it (sequence sums
+E9, the SPO margin E6, the loss E5) works on (N,) numbers. kernels/linear_logprobs.py goes one
+step further and never builds the (N, V) logits at all, running these same kernels on one chunk
+of rows at a time (launch_forward / launch_backward). Read it top to bottom: the math, the
+plain-torch reference, the Triton forward kernel, the Triton backward kernel, the autograd
+wiring, and the dispatcher `token_logprobs`.
 
 The math
 --------
@@ -253,6 +255,57 @@ def _as_btv(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def launch_forward(pol, flat_labels, ref, pol_out, ref_out, lse_out) -> None:
+    """Run the forward kernel over every row: fills pol_out, ref_out (if ref) and lse_out.
+
+    pol, ref: (B, T, V) logits with unit stride along V (see _as_btv); flat_labels: (N,) int64
+    with N = B * T; the outputs: (N,) contiguous, in the accumulation dtype. Also used by
+    kernels/linear_logprobs.py on one chunk of rows at a time.
+    """
+    B, T, V = pol.shape
+    N = flat_labels.numel()
+    if N == 0:
+        return
+    block, num_warps = _block_v(V, pol.device)
+    # Policy-only launch: HAS_REF=False compiles the reference loads away; the ref pointer
+    # arguments just repeat the policy's (never read).
+    r = ref if ref is not None else pol
+    _logprobs_fwd_kernel[(N,)](
+        pol, pol.stride(0), pol.stride(1),
+        r, r.stride(0), r.stride(1),
+        flat_labels,
+        pol_out, ref_out if ref_out is not None else pol_out, lse_out,
+        T, V,
+        HAS_REF=ref is not None,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+
+
+def launch_backward(g, pol, flat_labels, lse, dlogits) -> None:
+    """Run the backward kernel: dlogits[r] = g[r] * (onehot(label[r]) - exp(pol[r] - lse[r])).
+
+    g, lse: (N,) contiguous in the accumulation dtype; pol: (B, T, V) as in launch_forward;
+    dlogits: (N, V) contiguous. dlogits may be the memory of pol itself (in place, as
+    kernels/linear_logprobs.py does): each program owns one row and reads every chunk of it
+    before writing the same chunk back.
+    """
+    B, T, V = pol.shape
+    N = flat_labels.numel()
+    if N == 0:
+        return
+    block, num_warps = _block_v(V, pol.device)
+    _logprobs_bwd_kernel[(N,)](
+        g,
+        pol, pol.stride(0), pol.stride(1),
+        flat_labels, lse,
+        dlogits,
+        T, V,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Autograd wiring
 # --------------------------------------------------------------------------------------------
@@ -265,7 +318,6 @@ class _FusedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, policy_logits, labels, ref_logits):
         pol = _as_btv(policy_logits)
         ref = _as_btv(ref_logits) if ref_logits is not None else None
-        B, T, V = pol.shape
         flat_labels = labels.reshape(-1).to(torch.int64)  # (N,): small, copying is fine
         N = flat_labels.numel()
         acc = _accumulation_dtype(policy_logits, ref_logits)
@@ -275,21 +327,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         pol_out = torch.empty(N, dtype=acc, device=device)
         ref_out = torch.empty(N, dtype=acc, device=device) if ref is not None else None
         lse = torch.empty(N, dtype=acc, device=device)
-        if N > 0:
-            block, num_warps = _block_v(V, device)
-            # Policy-only launch: HAS_REF=False compiles the reference loads away; the ref
-            # pointer arguments just repeat the policy's (never read).
-            r = ref if ref is not None else pol
-            _logprobs_fwd_kernel[(N,)](
-                pol, pol.stride(0), pol.stride(1),
-                r, r.stride(0), r.stride(1),
-                flat_labels,
-                pol_out, ref_out if ref_out is not None else pol_out, lse,
-                T, V,
-                HAS_REF=ref is not None,
-                BLOCK_V=block,
-                num_warps=num_warps,
-            )
+        launch_forward(pol, flat_labels, ref, pol_out, ref_out, lse)
 
         ctx.save_for_backward(pol, flat_labels, lse)  # pol is a view: no copy is kept
         ctx.logits_shape = policy_logits.shape
@@ -304,24 +342,13 @@ class _FusedTokenLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pol, grad_ref):
         pol, flat_labels, lse = ctx.saved_tensors
-        B, T, V = pol.shape
-        N = flat_labels.numel()
+        N, V = flat_labels.numel(), pol.shape[-1]
         # The one N x V allocation of the backward: the gradient itself, in the logits' dtype.
         dlogits = torch.empty((N, V), dtype=pol.dtype, device=pol.device)
-        if N > 0:
-            # (N,) upstream grads may arrive expanded (stride 0, e.g. from .sum()): make them a
-            # plain contiguous vector in the accumulation dtype. Small.
-            g = grad_pol.reshape(-1).to(lse.dtype).contiguous()
-            block, num_warps = _block_v(V, pol.device)
-            _logprobs_bwd_kernel[(N,)](
-                g,
-                pol, pol.stride(0), pol.stride(1),
-                flat_labels, lse,
-                dlogits,
-                T, V,
-                BLOCK_V=block,
-                num_warps=num_warps,
-            )
+        # (N,) upstream grads may arrive expanded (stride 0, e.g. from .sum()): make them a
+        # plain contiguous vector in the accumulation dtype. Small.
+        g = grad_pol.reshape(-1).to(lse.dtype).contiguous()
+        launch_backward(g, pol, flat_labels, lse, dlogits)
         return dlogits.view(ctx.logits_shape), None, None
 
 

@@ -38,7 +38,7 @@ class Distributed:
     def device(self, requested="auto"):
         if requested == "auto":
             requested = "cuda" if torch.cuda.is_available() else "cpu"
-        if requested == "cuda" and self.active:
+        if requested == "cuda":  # torch.cuda.set_device needs an index: this process's GPU (0 alone)
             requested = f"cuda:{self.local_rank}"
         device = torch.device(requested)
         if device.type == "cuda":

@@ -14,6 +14,7 @@ The loss math is in spo_min/losses.py; the kernel only computes log-probs.
 """
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -129,8 +130,14 @@ def stage_sources(args):
 
 def make_world(args):
     """The built-in world of this run (its raters set by the --world-* options)."""
-    return build_world(seed=args.seed, temperature=args.world_temperature, cautious=args.world_cautious,
-                       redirect=not args.world_no_redirect)
+    return _world(args.seed, args.world_temperature, args.world_cautious, not args.world_no_redirect)
+
+
+@functools.lru_cache(maxsize=4)
+def _world(seed, temperature, cautious, redirect):
+    # Deterministic and never modified: one process running several rounds (spo_min.compare)
+    # builds it once instead of spending seconds on it per run.
+    return build_world(seed=seed, temperature=temperature, cautious=cautious, redirect=redirect)
 
 
 def load_stage_data(args, sources, tokenizer, block_size):
@@ -359,8 +366,10 @@ def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tok
         heldout = tokenized[dim][1][: args.eval_pairs]
         if dim not in cache:  # pi_0's held-out log-probs never change: score them once
             base, _ = load_model(base_path, device=device)
-            cache[dim] = frozen_sequence_logps(base, heldout, average=args.average_logps, device=device)
-        policy_logps = frozen_sequence_logps(policy, heldout, average=args.average_logps, device=device)
+            cache[dim] = frozen_sequence_logps(base, heldout, average=args.average_logps, device=device,
+                                               logits=args.logits)
+        policy_logps = frozen_sequence_logps(policy, heldout, average=args.average_logps, device=device,
+                                             logits=args.logits)
         scores = evaluate.preference_accuracy(policy_logps, cache[dim])
         row[f"acc/{dim}"], row[f"margin/{dim}"] = scores["accuracy"], scores["margin"]
         row[f"chosen_logp_change/{dim}"] = scores["chosen_logp_change"]
@@ -370,7 +379,8 @@ def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tok
                 row[f"{key}/{dim}"] = value
             if dim == stage and parent_path is not None:  # this round's own move, pi_{n-1} -> pi_n
                 parent, _ = load_model(parent_path, device=device)
-                parent_logps = frozen_sequence_logps(parent, heldout, average=args.average_logps, device=device)
+                parent_logps = frozen_sequence_logps(parent, heldout, average=args.average_logps, device=device,
+                                                     logits=args.logits)
                 row["acc_round_own"] = evaluate.accuracy_by_type(policy_logps, parent_logps, types, own)["acc_true"]
     if world is not None:
         prompts = world.prompts["heldout"][: args.eval_prompts]
@@ -393,11 +403,11 @@ def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tok
 def main(argv=None):
     """Run the rounds; returns the evaluation rows (one per round, round 0 = the base)."""
     args = parse_args(argv)
-    if args.logits == "full":
-        # glibc: keep freed (N, V) logits for reuse. ~30% less CPU per step on the 2-core CPU
-        # (616 vs 875 ms); no gain with "chunked" (886 vs 902 ms) and a higher peak RSS, so only
-        # here. The measurement: spo_min/logps.py keep_freed_memory_in_process.
-        keep_freed_memory_in_process()
+    # glibc: keep freed (N, V) logits for reuse: ~30% less CPU per step for everything that builds
+    # full logits (--logits full, and round 0's SFT: 616 vs 875 ms on the 2-core CPU); no gain and no
+    # loss for the chunked rounds (886 vs 902 ms). The measurement: spo_min/logps.py
+    # keep_freed_memory_in_process.
+    keep_freed_memory_in_process()
     if not args.stage:
         raise TrainError("give at least one --stage, e.g. --stage helpful --stage harmless")
     dist = Distributed.from_env()
@@ -463,8 +473,9 @@ def main(argv=None):
         if world is not None:
             print(f"\nTraining health: after each round, mean held-out dlogp(y_w) vs pi_0 >= -{evaluate.MAX_DISPLACEMENT:g} "
                   f"nats, end-of-text >= {evaluate.MIN_EOT_RATE:g}, the round's own accuracy >= {evaluate.MIN_OWN_ACCURACY:g}:")
-            for row in rows[1:]:
-                row["health"] = evaluate.health_check(row, args.all_stages[: row["round"]])
+            for row in rows:
+                if row["round"] > 0:
+                    row["health"] = evaluate.health_check(row, args.all_stages[: row["round"]])
             print(evaluate.format_table(rows, health_columns(args.all_stages)))
         evaluate.plot_rounds(rows, os.path.join(args.out, "scores.png"))
         print(f"\ncheckpoints, {metrics_path} and scores.png are in {args.out}/")

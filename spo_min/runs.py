@@ -197,9 +197,16 @@ def check_finite(model, what, fix):
 # ----------------------------------------------------------------------------- disk space
 
 def checkpoint_bytes(config: GPTConfig) -> int:
-    """fp32 bytes of one checkpoint of this config (the header adds a few kB)."""
-    with torch.device("meta"):  # shapes only: no memory, no random numbers
-        n = sum(t.numel() for t in GPT(config).state_dict().values())
+    """fp32 bytes of one checkpoint of this config (the header adds a few kB).
+
+    Counted from the config (GPT-2's layout, spo_min/model.py) rather than by building the model:
+    that takes seconds, at every start of every run. tests/test_runs.py checks both agree.
+    """
+    C, L = config.n_embd, config.n_layer
+    bias = 1 if config.bias else 0
+    layer_norm = C * (1 + bias)  # weight (and bias)
+    per_block = 12 * C * C + bias * 9 * C + 2 * layer_norm  # attention (4 C^2) + MLP (8 C^2), their biases, 2 LNs
+    n = config.vocab_size * C + config.block_size * C + L * per_block + layer_norm  # wte, wpe, blocks, ln_f
     return 4 * n + 65536
 
 

@@ -31,6 +31,23 @@ check what each round did. This module generates such data from a seed, with no 
       P(a preferred over b) = sigmoid((score(a) - score(b)) / temperature),
   so equal scores (e.g. answer vs refusal on a benign prompt, for harmlessness) are coin flips.
 * An SFT corpus with every style of every training prompt, so pi_0 puts mass on all styles.
+* Every style opens with its own word, and its own first GPT-2 token: " Sure" (answer, comply),
+  " Maybe" (partial), " Sorry" (refusal), " No" (redirect), " Well" (vague), " Anyway" (offtopic),
+  " Ugh" (rude). A policy's probability of a style is then the probability of its first token,
+  which the exact evaluation reads (spo_min/evaluate.py), and `style_of` names a sample's style.
+
+Choosing the raters (DEFAULT_TEMPERATURE, DEFAULT_CAUTIOUS). DPO and SPO recover the raters'
+reward R = score / temperature (E4), and the optimum of a round moves the policy by
+exp(R / beta) (E3). With the first version's temperature 0.1 and beta 0.1 that is exp(100 x
+score): the best style wins outright at every optimum, alpha cannot change which, and no finite
+run gets near it (E10). `World.predict_optimum` computes the optima at the style level. With
+temperature 0.25, beta 1 and the default alpha, they are soft. Round 1's optimum from a uniform
+pi_0 gives helpfulness 0.71 on benign prompts, not 0.86. SPO's round 2 over alpha = 0.5, 1 and 2
+gives harmlessness 0.78, 0.62 and 0.30 on harmful prompts, and sequential DPO over beta_2 = 1,
+2 and 4 gives 0.88, 0.60 and 0.42: alpha visibly moves the optimum. Labels stay informative:
+styles 0.5 apart in score are labelled the right way round 88% of the time. Cautious raters
+(0.2) add a mild, realistic pull towards refusing benign requests, which round 2 can follow
+(over-refusal) or resist.
 
 Sizes with the defaults of `build_world()` (seed 0; `World.describe()` prints them):
     topics    8 benign + 4 harmful, 12 distinct requests each

@@ -514,3 +514,13 @@ def test_a_round_of_another_parent_is_refused(two_rounds, base, tmp_path):
     save_model(GPT(GPTConfig.preset("nano"), seed=1), other, metadata={"kind": "init"})
     args = argv(str(other), out, "--resume", stages=("helpful", "harmless"))
     refused(args, "round1_helpful.safetensors was trained from another parent checkpoint (sha256 ", out)
+
+
+@pytest.mark.parametrize("preset", ["nano", "tiny", "gpt2"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_checkpoint_bytes_counts_every_parameter(preset, bias):
+    """The free-space check's size, counted from the config, equals the model's own tensors."""
+    config = GPTConfig.preset(preset, bias=bias)
+    with torch.device("meta"):  # shapes only
+        n = sum(t.numel() for t in GPT(config).state_dict().values())
+    assert runs.checkpoint_bytes(config) == 4 * n + 65536

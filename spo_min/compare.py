@@ -60,15 +60,16 @@ def parse_args(argv=None):
     p.add_argument("--out", default="compare_out")
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     p.add_argument("--quick", action="store_true", help="2 seeds, nano model, short rounds: for the test suite")
-    p.add_argument("--samples", type=int, default=2, help="samples per held-out prompt for the sampled cross-check")
+    p.add_argument("--samples", type=int, default=0,
+                   help="samples per held-out prompt for a sampled cross-check (0: none; 2 adds ~2 min)")
     p.add_argument("--train-args", default="", help="extra train.py arguments for every run, quoted")
     return p.parse_args(argv)
 
 
 def common_train_args(args):
     """train.py arguments shared by every run of the study."""
-    # The frontier is read from the exact evaluation; a few samples per prompt give the sampled
-    # cross-check (fluency included), and cost little next to training.
+    # The frontier is read from the exact evaluation; --samples N adds a sampled cross-check
+    # (fluency included). Evaluation settings never change training: the x, y points are the same.
     common = ["--eval-samples", str(args.samples), "--no-grad-check"]
     # train.py's round defaults (steps, batch, lr, beta) throughout; what differs only saves time.
     # --logits full: on a CPU, full logits with glibc's freed memory kept are ~30% faster per step
@@ -78,7 +79,7 @@ def common_train_args(args):
         common += ["--model", "nano", "--sft-steps", "80", "--sft-lr", "1e-2", "--steps", "20",
                    "--batch-size", "8", "--eval-pairs", "40", "--lr", "1e-3", "--warmup", "4"]
     else:  # a shorter SFT (the base only has to put mass on every style) and 150 held-out pairs
-        common += ["--sft-steps", "200", "--eval-pairs", "150"]
+        common += ["--sft-steps", "200", "--eval-pairs", "100"]
     if args.beta is not None:
         common += ["--beta", str(args.beta)]
     return common + args.train_args.split()
@@ -282,11 +283,13 @@ def format_report(records, summary):
         for alpha, s in summary[key]["per_alpha"].items():
             ci = "" if s["ci95"] is None else f" +- {s['ci95']:.3f}"
             mean = "n/a" if s["mean"] is None else f"{s['mean']:+.3f}"
-            lines.append(f"  alpha {alpha:g}: {mean}{ci}  -> {s['verdict']}")
+            inside = len(s["diffs"]) - s["outside_frontier"]
+            lines.append(f"  alpha {alpha:g}: {mean}{ci}  ({inside} of {len(s['diffs'])} seeds inside the DPO "
+                         f"frontier's range of harm removed)  -> {s['verdict']}")
         p = summary[key]["pooled"]
         ci = "" if p["ci95"] is None else f" +- {p['ci95']:.3f}"
         mean = "n/a" if p["mean"] is None else f"{p['mean']:+.3f}"
-        lines.append(f"  pooled over alphas: {mean}{ci}  -> {p['verdict']}")
+        lines.append(f"  pooled over alphas: {mean}{ci}  ({len(p['per_seed'])} seeds with a point inside)  -> {p['verdict']}")
     return "\n".join(lines)
 
 

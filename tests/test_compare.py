@@ -18,7 +18,7 @@ def quick_study(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)  # training runs use the torch path (as train.py users do)
     try:
-        records, summary = compare.main(["--quick", "--out", str(out), "--alphas", "2", "--beta2s", "3"])
+        records, summary = compare.main(["--quick", "--out", str(out), "--alphas", "2", "--beta2s", "3", "--samples", "1"])
     finally:
         mp.undo()
     return out, records, summary

@@ -263,7 +263,10 @@ def test_labels_follow_bradley_terry(world):
     assert abs(agree - len(pairs) / 2) <= 4 * math.sqrt(len(pairs) / 4)
 
 
-def test_dimensions_disagree_on_harmful_prompts_and_refusal_costs_help_on_benign(world):
+def test_dimensions_disagree_on_harmful_prompts_and_refusal_costs_help_on_benign():
+    # Sharp, impartial raters (temperature 0.1, no cautious bonus), so the bounds below follow from
+    # the scores alone; test_evaluate.py checks the cautious raters of the default world.
+    world = W.build_world(seed=0, temperature=0.1, cautious=0.0)
     kind = {p.text: p.kind for ps in world.prompts.values() for p in ps}
 
     def comply_vs_refusal(dim, k):

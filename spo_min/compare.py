@@ -54,7 +54,7 @@ ON_FRONTIER = 0.02  # |mean difference| and the whole CI within this: "on the fr
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1: a pi_0 and pi_1 each")
-    p.add_argument("--alphas", default="0.1,0.25,0.5", help="SPO round 2: alpha grid (beta_2 = --beta)")
+    p.add_argument("--alphas", default="0.1,0.25", help="SPO round 2: alpha grid (beta_2 = --beta)")
     p.add_argument("--beta2s", default="0.5,1,2", help="sequential DPO round 2: beta_2 grid")
     p.add_argument("--beta", type=float, default=None, help="beta_1 (and SPO's beta_2); default: train.py's")
     p.add_argument("--out", default="compare_out")

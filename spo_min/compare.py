@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     p.add_argument("--quick", action="store_true", help="2 seeds, nano model, short rounds: for the test suite")
     p.add_argument("--samples", type=int, default=0,
-                   help="samples per held-out prompt for a sampled cross-check (0: none; 2 adds ~2 min)")
+                   help="samples per held-out prompt for a sampled cross-check (0: none; 2 cost about a minute)")
     p.add_argument("--train-args", default="", help="extra train.py arguments for every run, quoted")
     return p.parse_args(argv)
 

@@ -28,7 +28,6 @@ Three complementary views of "did the round work, and did it undo the earlier on
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import torch
@@ -298,8 +297,3 @@ def plot_rounds(rows, path, keys=("exact/helpful_benign", "exact/harmless_harmfu
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def append_jsonl(path, record):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")

@@ -69,7 +69,7 @@ if not torch.cuda.is_available():
     sys.exit("no CUDA device: every number below would be a CPU number")
 EOF
 
-step kernel_tests 150 "$PY" -m pytest tests/test_logprobs.py tests/test_linear_logprobs.py -q -o addopts= \
+step kernel_tests 120 "$PY" -m pytest tests/test_logprobs.py tests/test_linear_logprobs.py -q -o addopts= \
     -p no:cacheprovider --junitxml="$LOGS/kernel_tests.xml"
 "$PY" - "$LOGS/kernel_tests.xml" "$OUT/kernel_tests.json" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET
@@ -93,7 +93,7 @@ step bench_linear_logprobs 90 "$PY" -m kernels.bench_linear_logprobs --out "$OUT
 step bench_train 60 "$PY" -m spo_min.bench_train --device cuda --out "$OUT/bench_train.json"
 
 # A short demo on the built-in world: SFT base, then two SPO rounds, on the GPU.
-step train_demo 50 "$PY" train.py --stage helpful --stage harmless --device cuda --model tiny \
+step train_demo 80 "$PY" train.py --stage helpful --stage harmless --device cuda --model tiny \
     --sft-steps 100 --steps 30 --eval-prompts 16 --no-grad-check --out "$LOGS/train_demo_run"
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys

@@ -374,7 +374,7 @@ def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tok
         row[f"acc/{dim}"], row[f"margin/{dim}"] = scores["accuracy"], scores["margin"]
         row[f"chosen_logp_change/{dim}"] = scores["chosen_logp_change"]
         if world is not None and dim in world.pairs:
-            types, own = evaluate.pair_types(dim, world.pairs[dim]["heldout"][: len(heldout)])
+            types, own = evaluate.pair_types(dim, world.pairs[dim]["heldout"][: len(heldout)], args.all_stages)
             for key, value in evaluate.accuracy_by_type(policy_logps, cache[dim], types, own).items():
                 row[f"{key}/{dim}"] = value
             if dim == stage and parent_path is not None:  # this round's own move, pi_{n-1} -> pi_n
@@ -486,11 +486,16 @@ def main(argv=None):
 
 def evaluate_columns(rows, stages):
     keys = ["round", "stage"] + [f"acc/{s}" for s in dict.fromkeys(stages)]
-    keys += [k for k in ("exact/helpful_benign", "exact/harmless_harmful", "exact/refusal_benign",
-                         "exact/compliance_harmful", "helpfulness", "harmlessness") if any(k in r for r in rows)]
+    shown = ["exact/helpful_benign", "exact/harmless_harmful", "exact/refusal_benign", "exact/compliance_harmful",
+             "helpfulness", "harmlessness"]
+    if "concise" in stages:  # the third dimension's columns only when a round aligns it
+        shown[4:4] = ["exact/concise_all"]
+        shown.append("conciseness")
+    keys += [k for k in shown if any(k in r for r in rows)]
     names = {"exact/helpful_benign": "help benign", "exact/harmless_harmful": "harmless harmful",
              "exact/refusal_benign": "refuse benign", "exact/compliance_harmful": "comply harmful",
-             "helpfulness": "sampled help", "harmlessness": "sampled harmless"}
+             "exact/concise_all": "concise", "helpfulness": "sampled help", "harmlessness": "sampled harmless",
+             "conciseness": "sampled concise"}
     return [(k, names.get(k, k.replace("acc/", "acc "))) for k in keys]
 
 

@@ -2,6 +2,7 @@
 
     python -m spo_min.compare              # 3 seeds, SPO over an alpha grid vs sequential DPO over beta_2
     python -m spo_min.compare --quick      # 2 seeds, a nano model: the end-to-end test of this study
+    python -m spo_min.compare --rounds 3   # round 3: exact E6 vs telescoped vs DPO (spo_min/compare3.py)
 
 What E10 (shared derivation notes) says to expect. Chaining E3 over two rounds from pi_0,
 
@@ -54,8 +55,12 @@ ON_FRONTIER = 0.02  # |mean difference| and the whole CI within this: "on the fr
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1: a pi_0 and pi_1 each")
-    p.add_argument("--alphas", default="0.1,0.25", help="SPO round 2: alpha grid (beta_2 = --beta)")
-    p.add_argument("--beta2s", default="0.5,1,2", help="sequential DPO round 2: beta_2 grid")
+    p.add_argument("--rounds", type=int, choices=(2, 3), default=2,
+                   help="2: the frontier study of round 2; 3: round 3, exact vs telescoped margin vs DPO")
+    p.add_argument("--alphas", default=None,
+                   help="SPO alpha grid of the last round (default 0.1,0.25 for round 2; 0.5,1 for round 3)")
+    p.add_argument("--beta2s", default=None,
+                   help="sequential DPO's beta grid of the last round (default 0.5,1,2 for beta_2; 1 for beta_3)")
     p.add_argument("--beta", type=float, default=None, help="beta_1 (and SPO's beta_2); default: train.py's")
     p.add_argument("--out", default="compare_out")
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
@@ -299,6 +304,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.quick:
         args.seeds = min(args.seeds, 2)
+    if args.alphas is None:
+        args.alphas = "0.1,0.25" if args.rounds == 2 else "0.5,1"
+    if args.beta2s is None:
+        args.beta2s = "0.5,1,2" if args.rounds == 2 else "1"
     try:
         alphas = [float(a) for a in args.alphas.split(",")]
         beta2s = [float(b) for b in args.beta2s.split(",")]
@@ -306,6 +315,10 @@ def main(argv=None):
         raise SystemExit(f"error: --alphas {args.alphas!r} / --beta2s {args.beta2s!r}: expected comma-separated numbers")
     if args.seeds < 1 or not alphas or not beta2s or min(alphas) <= 0 or min(beta2s) <= 0:
         raise SystemExit("error: need --seeds >= 1 and positive --alphas and --beta2s")
+    if args.rounds == 3:
+        from spo_min import compare3
+
+        return compare3.run(args)
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     common = common_train_args(args)

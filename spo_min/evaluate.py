@@ -50,17 +50,19 @@ def preference_accuracy(policy_logps, base_logps):
             "chosen_logp_change": (pc - bc).mean().item()}
 
 
-def pair_types(dimension, pairs):
+def pair_types(dimension, pairs, dimensions=None):
     """For each world pair labelled on `dimension`: how the OTHER dimensions' true scores see it.
 
     "agree": no other dimension prefers the rejected response and one prefers the chosen;
     "conflict": some other dimension prefers the rejected response; "tie": all others are equal.
+    The other dimensions are those of `dimensions` (a run's stages; default: all the world's).
     Also returns each pair's true own-dimension difference score(chosen) - score(rejected).
     """
+    dimensions = set(dimensions or world_mod.DIMENSIONS) | {dimension}
     types, own = [], []
     for pair in pairs:
         diffs = {d: world_mod.score(d, pair.prompt, pair.chosen) - world_mod.score(d, pair.prompt, pair.rejected)
-                 for d in world_mod.DIMENSIONS}
+                 for d in dimensions}
         others = [v for d, v in diffs.items() if d != dimension]
         types.append("conflict" if any(v < 0 for v in others) else "agree" if any(v > 0 for v in others) else "tie")
         own.append(diffs[dimension])
@@ -138,8 +140,9 @@ class ExactEvaluation:
         for p, stats, logp in zip(self.prompts, self.stats, style_logp):
             probs = dict(zip(p.styles, torch.as_tensor(logp).exp().tolist()))
             expect = lambda key: sum(probs[s] * stats[s][key] for s in p.styles)  # noqa: E731
-            acc[f"helpful_{p.kind}"].append(expect("helpful"))
-            acc[f"harmless_{p.kind}"].append(expect("harmless"))
+            for dim in world_mod.DIMENSIONS:
+                acc[f"{dim}_{p.kind}"].append(expect(dim))
+                acc[f"{dim}_all"].append(expect(dim))  # over every prompt (concise: both kinds alike)
             if p.kind == "benign":
                 acc["refusal_benign"].append(expect("refusal"))  # over-refusal
             else:
@@ -155,6 +158,29 @@ class ExactEvaluation:
         chains = [self.world.predict_optimum(p, stats, list(logp), stages, betas, lambdas, from_round)
                   for p, stats, logp in zip(self.prompts, self.stats, start_style_logp)]
         return [self.scores([torch.tensor(c[k]) for c in chains]) for k in range(len(chains[0]))]
+
+
+    def predicted_from_margin(self, chain_style_logp, stage, beta, margin_of):
+        """Round n's optimum given the margin its loss ACTUALLY uses, scored like a measured policy.
+
+        chain_style_logp: the measured style log-probs of pi_0..pi_{n-1} (each as from
+        `style_logprobs`). margin_of(chosen, rejected) is the round's margin function
+        (losses.spo_margin with the recorded betas and lambdas, or losses.spo_margin_telescoped):
+        it is applied to the styles themselves, each style's log-probs against a constant
+        (0), which shifts M by a per-prompt constant that the softmax removes. The loss of E6 is
+        minimised where beta_n log(pi_n / pi_{n-1}) = R_n + M_n (+ a function of x), so
+            log pi_n*(s) = log pi_{n-1}(s) + (R_n(s) + M_n(s)) / beta_n - log Z(x).
+        Unlike `predicted`, whose margin uses the TRUE earlier rewards (every earlier round at its
+        optimum), this uses the implicit rewards the earlier rounds actually reached.
+        """
+        out = []
+        for k, (p, stats) in enumerate(zip(self.prompts, self.stats)):
+            logps = [torch.as_tensor(c[k], dtype=torch.float64) for c in chain_style_logp]
+            margin = margin_of(logps, [torch.zeros_like(lp) for lp in logps])
+            reward = torch.tensor([stats[s][f"label/{stage}"] / self.world.temperature for s in p.styles],
+                                  dtype=torch.float64)  # E4: the reward the raters label by
+            out.append(torch.log_softmax(logps[-1] + (reward + margin) / beta, dim=-1))
+        return self.scores(out)
 
 
 @torch.no_grad()
@@ -200,7 +226,7 @@ def world_scores(world_prompts, responses, ended=None):
     the world's own text (a style's opening word, a finished sentence, only known words, no
     repeated trigram, end-of-text).
     """
-    help_scores, harm_scores = [], []
+    help_scores, harm_scores, concise_scores = [], [], []
     help_benign, harm_harmful = [], []  # the study's two axes (spo_min.compare), sampled
     benign_refusals, harmful_compliances = [], []
     templated = []
@@ -209,6 +235,7 @@ def world_scores(world_prompts, responses, ended=None):
             templated.append(float(ended[i] and world_mod.is_well_formed(prompt, response)))
         help_scores.append(world_mod.helpfulness(prompt.text, response))
         harm_scores.append(world_mod.harmlessness(prompt.text, response))
+        concise_scores.append(world_mod.conciseness(prompt.text, response))
         if prompt.kind == "benign":
             benign_refusals.append(float(world_mod.is_refusal(response)))
             help_benign.append(help_scores[-1])
@@ -219,6 +246,7 @@ def world_scores(world_prompts, responses, ended=None):
     out = {
         "helpfulness": mean(help_scores),
         "harmlessness": mean(harm_scores),
+        "conciseness": mean(concise_scores),
         "refusal_rate_benign": mean(benign_refusals),
         "compliance_rate_harmful": mean(harmful_compliances),
         "helpfulness_benign": mean(help_benign),

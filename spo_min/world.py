@@ -69,10 +69,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spo_min.data import DIMENSIONS, PreferencePair
+from spo_min.data import PreferencePair
+
+# The world's dimensions, in the order a three-round run aligns them. "concise" is the third:
+# it partly conflicts with both earlier ones (see `conciseness`), so round 3 can undo them.
+DIMENSIONS = ("helpful", "harmless", "concise")
 
 __all__ = [
-    "DIMENSIONS", "Topic", "WorldPrompt", "World", "build_world", "helpfulness", "harmlessness",
+    "DIMENSIONS", "Topic", "WorldPrompt", "World", "build_world", "helpfulness", "harmlessness", "conciseness",
     "is_refusal", "is_compliance", "score", "make_response", "format_prompt", "find_topic",
     "BENIGN_STYLES", "HARMFUL_STYLES", "TOPICS", "WorldError", "select_topics",
 ]
@@ -500,11 +504,43 @@ def is_compliance(prompt: str, response: str) -> bool:
     return any(name == topic.name and role == "content" for _, name, role in _keyword_hits(_words(response)))
 
 
-SCORERS = {"helpful": helpfulness, "harmless": harmlessness}
+# Brevity: full up to CONCISE_FULL words, none from CONCISE_NONE words on. The world's short
+# styles (refusal, vague, partial, rude: 6-14 words) land near 1, its answers (2-3 steps, 14-22
+# words) around 0.4-0.75, a redirect (~20 words) around 0.5: a gap a tiny model learns in a round.
+CONCISE_FULL, CONCISE_NONE = 8, 32
+
+
+def conciseness(prompt: str, response: str) -> float:
+    """How briefly the response says what it says, in [0, 1] (any prompt, any text).
+
+    brevity  = 1 up to CONCISE_FULL words, falling linearly to 0 at CONCISE_NONE words
+    form     = (1 - non-word share) x (1 - repeated-trigram share): garbled pieces and loops are
+               not brevity, they are noise
+    returns    brevity x form; 0 for an empty response (it says nothing, briefly or not)
+
+    The third dimension's raters read length, not content (`prompt` only tells which of its
+    words are known). That is what makes it instructive after the first two rounds: it agrees
+    with harmlessness that a bare refusal beats a harmful compliance, but it also prefers a
+    bare refusal to a helpful answer on a benign prompt (against helpfulness), a terse insult
+    to a polite redirect (against harmlessness), and a two-step answer to a three-step one.
+    """
+    words = _words(response)
+    if not words:
+        return 0.0
+    brevity = min(1.0, max(0.0, (CONCISE_NONE - len(words)) / (CONCISE_NONE - CONCISE_FULL)))
+    asked = set(_words(prompt))
+    nonword = sum(w not in KNOWN_WORDS and w not in asked for w in words) / len(words)
+    trigrams = list(zip(words, words[1:], words[2:]))
+    repetition = 1.0 - len(set(trigrams)) / len(trigrams) if len(trigrams) >= 3 else 0.0
+    return brevity * (1.0 - nonword) * (1.0 - repetition)
+
+
+SCORERS = {"helpful": helpfulness, "harmless": harmlessness, "concise": conciseness}
+assert tuple(SCORERS) == DIMENSIONS
 
 
 def score(dimension: str, prompt: str, response: str) -> float:
-    """The true reward of `dimension` ("helpful" or "harmless")."""
+    """The true reward of `dimension` (one of DIMENSIONS)."""
     if dimension not in SCORERS:
         raise ValueError(f"unknown dimension '{dimension}': expected one of {DIMENSIONS}")
     return SCORERS[dimension](prompt, response)

@@ -48,6 +48,8 @@ def round_lambdas(args, round_chain):
     can follow a DPO chain: its E4 inversion needs every earlier round's lambdas.
     --alpha: lambda_i^(n) = alpha / beta_i with beta_i the beta that round i RECORDED (rounds may
     differ, e.g. after --branch); at n = 2 the margin is then alpha * Delta log(pi_1/pi_0), E5.
+    --margin telescoped: the lambdas that margin amounts to in E6's form (below), so that a later
+    round's E4 inversion stays right.
     """
     n = len(round_chain)
     if n == 1:
@@ -56,7 +58,16 @@ def round_lambdas(args, round_chain):
         return [0.0] * (n - 1)
     if args.lambdas:
         return [float(x) for x in args.lambdas[n - max(2, first_round(args))].split(",")]
-    return [args.alpha / float(meta["beta"]) for meta in round_chain[1:]]
+    scale = [args.alpha / float(meta["beta"]) for meta in round_chain[1:]]  # alpha / beta_i
+    if getattr(args, "margin", "exact") == "telescoped":
+        # The telescoped margin alpha Delta log(pi_{n-1}/pi_0) = sum_k (alpha/beta_k) Delta r_k is NOT
+        # E6 with lambda_i = alpha/beta_i from round 3 on. Written in E6's form sum_i lambda_i Delta R_i
+        # (Delta r_k = Delta R_k + sum_{i<k} lambda_i^(k) Delta R_i, E4), its lambdas are
+        #     lambda_i = alpha/beta_i + sum_{i<k<n} lambda_i^(k) alpha/beta_k.
+        # Recording these keeps E4's inversion right in any later round. At n = 2 they are alpha/beta_1.
+        return [scale[i] + sum(float(round_chain[k]["lambdas"][i]) * scale[k - 1] for k in range(i + 2, n))
+                for i in range(n - 1)]
+    return scale
 
 
 def first_round(args):

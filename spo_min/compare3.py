@@ -117,7 +117,7 @@ def build_records(args, first, second):
         pi2 = compare._scalars(rows[2])
         records.append({
             "seed": seed, "method": job["method"], "alpha": job["alpha"], "setting": job["setting"],
-            "betas": betas, "lambdas": lambdas, "margin": meta.get("margin"), "optimum_lambdas": opt_lambdas,
+            "betas": betas, "lambdas": lambdas, "margin": meta.get("margin_mode"), "optimum_lambdas": opt_lambdas,
             "seconds": round(result["seconds"], 1),
             "measured": changes(pi2, pi3), "optimum": changes(optimum[0], optimum[1]),
             "from_margin": changes(optimum[0], from_margin),
@@ -188,7 +188,7 @@ def plot(records, path):
     import matplotlib.pyplot as plt
 
     colours = {"exact": "tab:red", "telescoped": "tab:orange", "dpo": "tab:blue"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, axis in zip(axes, ("help kept", "harm kept")):
         for setting in sorted({r["setting"] for r in records}):
             group = [r for r in records if r["setting"] == setting]
@@ -200,14 +200,17 @@ def plot(records, path):
                 ax.errorbar(mx, my, xerr=hx if view == "measured" else None, yerr=hy if view == "measured" else None,
                             fmt=marker, color=colour, mfc=fill, capsize=3,
                             label=f"{setting} ({view.replace('_', ' ')})" if axis == "help kept" else None)
+                if view == "measured":
+                    ax.annotate(setting, (mx, my), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("concise gained: conciseness, pi_3 - pi_2")
         ax.set_ylabel(f"{axis}: pi_3 - pi_2")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=6)
     fig.suptitle("round 3 from one pi_2: filled = measured (95% CI), square = optimum of the margin used, "
                  "triangle = optimum with earlier rounds optimal", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -161,7 +161,11 @@ class ExactEvaluation:
 
 
     def predicted_from_margin(self, chain_style_logp, stage, beta, margin_of):
-        """Round n's optimum given the margin its loss ACTUALLY uses, scored like a measured policy.
+        """`scores` of `optimum_given_margin` (its docstring says what it predicts)."""
+        return self.scores(self.optimum_given_margin(chain_style_logp, stage, beta, margin_of))
+
+    def optimum_given_margin(self, chain_style_logp, stage, beta, margin_of):
+        """Round n's optimum given the margin its loss ACTUALLY uses: log pi_n*(s) per prompt.
 
         chain_style_logp: the measured style log-probs of pi_0..pi_{n-1} (each as from
         `style_logprobs`). margin_of(chosen, rejected) is the round's margin function
@@ -180,7 +184,7 @@ class ExactEvaluation:
             reward = torch.tensor([stats[s][f"label/{stage}"] / self.world.temperature for s in p.styles],
                                   dtype=torch.float64)  # E4: the reward the raters label by
             out.append(torch.log_softmax(logps[-1] + (reward + margin) / beta, dim=-1))
-        return self.scores(out)
+        return out
 
 
 @torch.no_grad()

@@ -522,7 +522,7 @@ def conciseness(prompt: str, response: str) -> float:
     words are known). That is what makes it instructive after the first two rounds: it agrees
     with harmlessness that a bare refusal beats a harmful compliance, but it also prefers a
     bare refusal to a helpful answer on a benign prompt (against helpfulness), a terse insult
-    to a polite redirect (against harmlessness), and a two-step answer to a three-step one.
+    to a polite answer (against harmlessness), and a two-step answer to a three-step one.
     """
     words = _words(response)
     if not words:

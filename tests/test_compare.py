@@ -74,3 +74,50 @@ def test_branch_refuses_a_changed_parent(quick_study, tmp_path):
             chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))
     finally:
         shutil.copy(backup, victim)
+
+
+# ----------------------------------------------------------------------------- n = 3
+
+@pytest.fixture(scope="module")
+def quick_round3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare3")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("TRITON_INTERPRET", raising=False)
+    try:
+        records, summary = compare.main(["--rounds", "3", "--quick", "--out", str(out), "--alphas", "1",
+                                         "--beta2s", "1"])
+    finally:
+        mp.undo()
+    return out, records, summary
+
+
+def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
+    out, records, summary = quick_round3
+    assert sorted((r["seed"], r["method"]) for r in records) == [
+        (0, "dpo"), (0, "exact"), (0, "telescoped"), (1, "dpo"), (1, "exact"), (1, "telescoped")]
+    assert (out / "round3.png").stat().st_size > 0 and len((out / "results.jsonl").read_text().splitlines()) == 6
+    for seed in (0, 1):
+        pi2 = out / f"seed{seed}" / "round2_harmless.safetensors"
+        meta2 = read_metadata(pi2)
+        beta1 = read_metadata(out / f"seed{seed}" / "round1_helpful.safetensors")["beta"]
+        metas = {m: read_metadata(out / f"seed{seed}_r3_{m}_1" / "round3_concise.safetensors")
+                 for m in ("exact", "telescoped", "dpo")}
+        for meta in metas.values():
+            assert meta["parent"] == str(pi2) and meta["parent_sha256"] == chain.file_sha256(pi2)
+        # --alpha 1: lambda_i^(3) = 1 / beta_i as recorded; the telescoped run says so in its metadata.
+        assert metas["exact"]["lambdas"] == [pytest.approx(1 / beta1), pytest.approx(1 / meta2["beta"])]
+        # The telescoped round records the lambdas its margin amounts to: R_1 counted twice.
+        (lam21,) = meta2["lambdas"]
+        assert metas["telescoped"]["lambdas"] == [pytest.approx(1 / beta1 + lam21 / meta2["beta"]),
+                                                  pytest.approx(1 / meta2["beta"])]
+        assert metas["exact"]["margin_mode"] == "exact" and metas["telescoped"]["margin_mode"] == "telescoped"
+        assert metas["telescoped"]["alpha"] == 1.0 and metas["dpo"]["margin_mode"] is None
+        assert metas["dpo"]["lambdas"] == [0.0, 0.0] and metas["dpo"]["loss"] == "dpo"
+    for r in records:
+        # Changes are pi_3 minus the SAME seed's pi_2, on the exact evaluation.
+        assert r["measured"]["concise gained"] == pytest.approx(r["pi3"]["exact/concise_all"] - r["pi2"]["exact/concise_all"])
+        assert r["measured"]["help kept"] == pytest.approx(r["pi3"]["exact/helpful_benign"] - r["pi2"]["exact/helpful_benign"])
+        if r["method"] == "dpo":  # no margin: both predictions are the same E3 step from pi_2
+            assert r["from_margin"] == pytest.approx(r["optimum"])
+    assert set(summary) == {1.0} and set(summary[1.0]) == {"measured", "from_margin", "optimum"}
+    assert len(summary[1.0]["measured"]["help kept"]["diffs"]) == 2

@@ -154,8 +154,10 @@ def test_accuracy_by_pair_type():
     pairs = [PreferencePair(wp.text, answer, refusal),  # helpful label; harmless: tie
              PreferencePair(wp.text, rude, refusal),  # helpful label (rude has content); harmless: conflict
              PreferencePair(wp.text, answer, rude)]  # helpful; harmless agrees
-    types, own = evaluate.pair_types("helpful", pairs)
+    types, own = evaluate.pair_types("helpful", pairs, ["helpful", "harmless"])  # a two-round run's stages
     assert types == ["tie", "conflict", "agree"] and all(o > 0 for o in own)
+    # With the third dimension too: concise prefers the refusal and the (short) insult to the answer.
+    assert evaluate.pair_types("helpful", pairs)[0] == ["conflict", "conflict", "conflict"]
     policy = (torch.tensor([1.0, -1.0, 2.0]), torch.tensor([0.0, 0.0, 0.0]))  # moved right, wrong, right
     base = (torch.zeros(3), torch.zeros(3))
     acc = evaluate.accuracy_by_type(policy, base, types, own)
@@ -189,6 +191,41 @@ def test_predicted_optimum_is_e3_written_out(world):
     dpo = world.predict_optimum(prompt, stats, pi0.tolist(), ["helpful", "harmless"],
                                 [beta1 * beta2 / (beta2 + lam * beta1), beta2], [[], [0.0]])
     np.testing.assert_allclose(dpo[2], chain[2], atol=1e-12)
+
+
+def test_round3_margins_at_the_optimum_exact_is_e3_telescoped_is_not(world, tokenizer):
+    """From a chain of optima pi_0 -> pi_1* -> pi_2*, round 3's loss minimised with the EXACT margin
+    (E6 over the styles' implicit rewards) lands on E3 with lambda^(3); with the telescoped margin it
+    lands on E3 with the effective lambdas [a/b1 + a l21/b2, a/b2]: R_1 counted twice."""
+    from spo_min import compare3, losses
+
+    prompt = next(p for p in world.prompts["heldout"] if p.kind == "benign")
+    exact = evaluate.ExactEvaluation(world, [prompt], tokenizer, block_size=64, per_style=3)
+    stages = ["helpful", "harmless", "concise"]
+    pi0 = np.random.default_rng(1).normal(size=len(prompt.styles)).tolist()
+    betas, alpha = [1.0, 0.7, 1.3], 0.9
+    lambdas = [[], [0.5], [alpha / 1.0, alpha / 0.7]]
+    optimal = world.predict_optimum(prompt, exact.stats[0], pi0, stages, betas, lambdas)  # pi_0, pi_1*, pi_2*, pi_3*
+    chain_logp = [[torch.tensor(optimal[j])] for j in range(3)]
+
+    got = exact.optimum_given_margin(chain_logp, "concise", betas[2],
+                                     compare3.margin_function("exact", betas, lambdas, alpha))[0]
+    # E4 inverts the implicit rewards exactly, up to a function of x that the softmax removes.
+    np.testing.assert_allclose(got.numpy(), optimal[3], atol=1e-10)
+
+    tele = exact.optimum_given_margin(chain_logp, "concise", betas[2],
+                                      compare3.margin_function("telescoped", betas, lambdas, alpha))[0]
+    effective = compare3.optimum_lambdas("telescoped", betas, lambdas, alpha)
+    assert effective == pytest.approx([alpha / 1.0 + alpha * 0.5 / 0.7, alpha / 0.7])
+    want = world.predict_optimum(prompt, exact.stats[0], optimal[2], stages, betas, [[], [0.5], effective],
+                                 from_round=3)[1]
+    np.testing.assert_allclose(tele.numpy(), want, atol=1e-10)
+    assert np.abs(tele.numpy() - optimal[3]).max() > 0.05  # and it is not E3's pi_3*
+    # Sequential DPO: no margin, the plain E3 step from pi_2*.
+    dpo = exact.optimum_given_margin(chain_logp, "concise", betas[2], compare3.margin_function("dpo", betas, lambdas, 0))[0]
+    want = world.predict_optimum(prompt, exact.stats[0], optimal[2], stages, betas, [[], [0.5], [0.0, 0.0]],
+                                 from_round=3)[1]
+    np.testing.assert_allclose(dpo.numpy(), want, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------- the study's statistics

@@ -109,7 +109,7 @@ def test_scores_are_bounded_and_deterministic_on_random_text():
         if rng.random() < 0.3:
             text = "".join(chr(rng.randint(0, 0x2FFF)) for _ in range(rng.randint(0, 30)))
         for prompt in prompts:
-            for fn in (W.helpfulness, W.harmlessness):
+            for fn in (W.helpfulness, W.harmlessness, W.conciseness):
                 value = fn(prompt, text)
                 assert 0.0 <= value <= 1.0 and value == fn(prompt, text)
 
@@ -334,3 +334,64 @@ def test_bad_world_options():
         W.build_world(temperature=0)
     with pytest.raises(ValueError, match="unknown style"):
         W.make_response(W.TOPICS[0], "sarcastic", random.Random(0))
+
+
+# Hand-computed from conciseness's docstring: brevity = clip((32 - words) / 24, 0, 1), times
+# (1 - non-word share) x (1 - repeated-trigram share). (prompt, response, conciseness)
+CONCISE_CASES = [
+    (BREAD, "", 0.0),  # says nothing: not concise, absent
+    (LOCK, "   \n", 0.0),
+    (BREAD, " Sorry, but I can't help with that.", 1.0),  # 7 words <= 8
+    # 19 known words: (32 - 19) / 24.
+    (BREAD, " Sure! First mix flour, salt and yeast, then knead the dough, and finally bake it in a hot oven.", 13 / 24),
+    (BREAD, " xqzt blorf wibble gronk.", 0.0),  # garbled: 4 words, none known
+    (BREAD, " knead xqzt dough blorf", 0.5),  # half garbled; no ending needed (brevity, not form of a sentence)
+    (BREAD, " dough dough dough dough dough dough.", 0.25),  # 4 trigrams, 1 distinct
+    (BREAD, "\u00e9\u00e8 \U0001F600 <|endoftext|> \x00", 0.0),  # one word, 'endoftext', not a known word
+    # Unseen prompt and text: 'paris' is neither a known word nor in the prompt: 5/6.
+    ("What is the capital of France?", "The capital of France is Paris.", 5 / 6),
+    (BREAD, " " + " ".join(["flour"] + ["then", "knead", "the", "dough"] * 10), 0.0),  # 41 words (and a loop)
+    (BREAD, " " + " ".join(f"w{i}" for i in range(3)), 0.0),  # 'w0'.. are not words of the world
+]
+
+
+@pytest.mark.parametrize("prompt,response,concise", CONCISE_CASES)
+def test_conciseness_on_hand_written_edge_cases(prompt, response, concise):
+    assert W.conciseness(prompt, response) == pytest.approx(concise, abs=1e-12)
+    assert W.score("concise", prompt, response) == W.conciseness(prompt, response)
+
+
+def _style_concision(kind, style, n=20):
+    rng = random.Random(f"concise {kind} {style}")
+    values = []
+    for topic in (t for t in W.TOPICS if t.kind == kind):
+        prompt = W.format_prompt(f"How do I {topic.tasks[0]}?")
+        values += [W.conciseness(prompt, " " + W.make_response(topic, style, rng)) for _ in range(n)]
+    return np.array(values)
+
+
+def test_concise_partly_conflicts_with_both_earlier_dimensions():
+    """The third dimension must be able to undo something (issue: partly conflicting)."""
+    benign = {s: _style_concision("benign", s) for s in W.BENIGN_STYLES}
+    harmful = {s: _style_concision("harmful", s) for s in W.HARMFUL_STYLES}
+    short, long = ("partial", "refusal", "vague", "rude"), ("answer", "offtopic")
+    # Every short style beats every long one by a gap a round can learn (>= 0.3 in mean score,
+    # 1.2 nats of reward at the default temperature 0.25).
+    assert min(benign[s].mean() for s in short) > max(benign[s].mean() for s in long) + 0.3
+    assert min(harmful[s].mean() for s in ("refusal", "vague")) > max(harmful[s].mean() for s in ("comply", "redirect")) + 0.3
+    # Against helpfulness: a bare refusal beats a full answer on benign prompts.
+    assert benign["refusal"].mean() > benign["answer"].mean()
+    # Against harmlessness: rude (toxic) beats a polite answer; on harmful prompts a refusal beats
+    # the redirect that harmlessness rates as high and helpfulness higher.
+    assert benign["rude"].mean() > benign["answer"].mean()
+    assert harmful["refusal"].mean() > harmful["redirect"].mean()
+    # With harmlessness: a refusal beats a compliance.
+    assert harmful["refusal"].mean() > harmful["comply"].mean()
+
+
+def test_concise_pairs_have_splits_and_labels(world):
+    s = world.sizes()
+    assert s["pairs/concise/train"] == s["pairs/helpful/train"] and s["pairs/concise/heldout"] == s["pairs/helpful/heldout"]
+    train_prompts = {p.prompt for p in world.pairs["concise"]["train"]}
+    assert not train_prompts & {p.prompt for p in world.pairs["concise"]["heldout"]}  # split by prompt
+    assert train_prompts == {p.prompt for p in world.pairs["helpful"]["train"]}  # the same prompts as the others

@@ -1,6 +1,7 @@
 """Sequential preference alignment with SPO, one round per --stage.
 
     python train.py --stage helpful --stage harmless            # built-in world, CPU, minutes
+    python train.py --stage helpful --stage harmless --stage concise   # three rounds (README, "Round 3")
     torchrun --nproc_per_node=2 train.py --stage helpful ...    # data parallel (gloo / nccl)
 
 Round 0 builds the base policy pi_0 (a short SFT on the built-in world, or --init a checkpoint).
@@ -29,6 +30,7 @@ from spo_min.checkpoint import CheckpointError, load_model, read_config, read_me
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
 from spo_min.model import GPT, GPTConfig
+from spo_min.optim import AdamW  # torch.optim.AdamW, spelled out; it spares torch._dynamo (~145 MB)
 from spo_min.schedule import cosine_lr, step_schedule
 from spo_min.tokenizer import TokenizerError, get_tokenizer
 from spo_min import world as world_mod
@@ -49,7 +51,8 @@ class TrainError(RuntimeError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", action="append", default=[], help="a dimension to align, in order (repeat)")
+    p.add_argument("--stage", action="append", default=[], help="a dimension to align, in order (repeat): the built-in world's helpful, harmless, concise, "
+                        "or one given with --data")
     p.add_argument("--loss", choices=["spo", "dpo"], default="spo", help="dpo = sequential DPO (margin 0)")
     p.add_argument("--margin", choices=["exact", "telescoped"], default="exact",
                    help="exact E6 margin, or the telescoped simplification alpha*Delta log(pi_{n-1}/pi_0)")
@@ -184,7 +187,7 @@ def bootstrap_base(args, tokenizer, dist, device):
         dist.print(f"[base] reusing {path}")
         return path
     model = GPT(config, seed=args.seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = step_schedule(len(sft), 32, args.sft_steps, seed=args.seed)
     bar = tqdm(schedule, desc="round 0: SFT base", disable=not dist.is_main)
     for step, idx in enumerate(bar):
@@ -291,7 +294,7 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
     if args.ref == "live":  # pi_{n-1} kept in memory, scored each step in the same kernel pass
         ref_model, _ = chain.load_verified(round_chain[-1], device=device)
         ref_model.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     settings = runs.round_settings(args, n, stage, lambdas_n, data.fingerprint(train_tok), round_chain[-1]["sha256"])
     meta = {"kind": "round", "round": n, "ref": args.ref, "parent": os.path.abspath(round_chain[-1]["path"]),
             **settings}

@@ -41,6 +41,7 @@ import torch
 from spo_min import data, losses
 from spo_min.logps import LOGITS_PATHS, batch_sequence_logps, keep_freed_memory_in_process
 from spo_min.model import GPT, GPTConfig
+from spo_min.optim import AdamW
 
 CPU_TARGET_PEAK_RSS_MB = 600  # the target for the chunked path on the 2-core CPU
 
@@ -71,7 +72,7 @@ def run_worker(args):
     device = torch.device(args.device)
     config = GPTConfig(block_size=128, vocab_size=50257, n_layer=4, n_head=4, n_embd=128)
     policy = GPT(config, seed=0).to(device).train()
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = AdamW(policy.parameters(), lr=1e-4, weight_decay=0.0)  # train.py's (spo_min/optim.py)
     generator = torch.Generator().manual_seed(0)
     pairs = random_pairs(args.pairs * (args.steps + args.warmup), generator)
     # Frozen reference log-probs and margins as the round cache would give them.

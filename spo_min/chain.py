@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata
 from spo_min import data
+from spo_min.optim import AdamW
 from spo_min.runs import check_finite, compare_settings, round_settings
 
 
@@ -172,7 +173,7 @@ def check_resume_plan(args, train_pairs, base_path):
         state = path.replace(".safetensors", ".state.safetensors")
         if os.path.exists(state):  # a trial load into a scratch copy of the parent
             model, _ = load_model(parent)
-            load_train_state(state, model, torch.optim.AdamW(model.parameters()), settings)
+            load_train_state(state, model, AdamW(model.parameters(), lr=0.0), settings)
         return
 
 

@@ -1,4 +1,4 @@
-"""The built-in two-dimension world: prompts, responses, ground-truth rewards, preference pairs.
+"""The built-in world: prompts, responses, ground-truth rewards of three dimensions, preference pairs.
 
 SPO needs preference data on several dimensions whose true rewards we know, so that we can
 check what each round did. This module generates such data from a seed, with no files:
@@ -22,7 +22,11 @@ check what each round did. This module generates such data from a seed, with no 
   pure Python and deterministic, defined on ANY text (empty, garbled, truncated, mixed styles),
   not only on the templates. They read the words of the response: the topic's content words,
   step markers, refusal phrases, harmful and toxic words, sentence ending, non-words, repetition.
-* Tension by design. On harmful prompts the dimensions disagree: complying is helpful and
+* A third dimension, `conciseness(prompt, response)`, for a third round: brevity times form, also
+  on any text. Its raters read length, not content, so it partly conflicts with both others (a
+  bare refusal beats a helpful answer; a terse insult beats a polite one) and partly agrees with
+  harmlessness (a refusal beats a harmful compliance). See its docstring.
+* Tension by design. On harmful prompts helpfulness and harmlessness disagree: complying is helpful and
   harmful, refusing is harmless and unhelpful; only "redirect" is decent on both. On benign
   prompts every style except "rude" is harmless, so refusing costs helpfulness and gains
   nothing: over-refusal after a harmless round is measurable (refusal rate on benign prompts).
@@ -53,7 +57,7 @@ Sizes with the defaults of `build_world()` (seed 0; `World.describe()` prints th
     topics    8 benign + 4 harmful, 12 distinct requests each
     prompts   144 = 96 benign + 48 harmful; split BY PROMPT 80/20 per kind, spread evenly over
               the topics: train 115 (77 + 38), held-out 29 (19 + 10)
-    pairs     20 per prompt per dimension: 2300 train + 580 held-out, for each dimension
+    pairs     20 per prompt per dimension: 2300 train + 580 held-out, for each of the 3 dimensions
     sft       2 responses per style per prompt: 1380 train + 348 held-out (prompt, response)
     lengths   prompts 14-27 GPT-2 tokens (mean 18.5), responses 3-31 tokens (mean 15.6): with the
               EOT, every response fits the 32 new tokens evaluation samples

@@ -11,7 +11,7 @@
 #   bench_logprobs.json          python -m kernels.bench_logprobs         (N 4096/16384, fp32/bf16)
 #   bench_linear_logprobs.json   python -m kernels.bench_linear_logprobs  (same N, C=768, chunked vs unfused)
 #   bench_train.json             python -m spo_min.bench_train --device cuda
-#   train_demo.json              a short two-round train.py run on CUDA: its metrics and wall time
+#   train_demo.json              a short three-round train.py run on CUDA: its metrics and wall time
 #   steps.json                   every step: exit code, seconds, log file (a failed step never
 #                                stops the others; its log says why)
 #   logs.tar.gz                  every step's log and pytest's junit XML (8 files in all: what a
@@ -92,8 +92,8 @@ step bench_logprobs 90 "$PY" -m kernels.bench_logprobs --out "$OUT/bench_logprob
 step bench_linear_logprobs 90 "$PY" -m kernels.bench_linear_logprobs --out "$OUT/bench_linear_logprobs.json"
 step bench_train 60 "$PY" -m spo_min.bench_train --device cuda --out "$OUT/bench_train.json"
 
-# A short demo on the built-in world: SFT base, then two SPO rounds, on the GPU.
-step train_demo 80 "$PY" train.py --stage helpful --stage harmless --device cuda --model tiny \
+# A short demo on the built-in world: SFT base, then three rounds (helpful, harmless, concise), on the GPU.
+step train_demo 80 "$PY" train.py --stage helpful --stage harmless --stage concise --device cuda --model tiny \
     --sft-steps 100 --steps 30 --eval-prompts 16 --no-grad-check --out "$LOGS/train_demo_run"
 "$PY" - "$OUT" <<'EOF'
 import json, pathlib, sys

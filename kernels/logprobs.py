@@ -64,13 +64,16 @@ except ImportError:  # pragma: no cover - exercised by a test that hides triton
 
 IGNORE_INDEX = -100  # the label of a position that is not scored (prompt, padding, last position)
 
-# Vocabulary chunk each program loads per loop iteration. On a GPU, 4096 elements over 8 warps is
-# 16 elements per thread: enough bytes in flight per SM to stream at memory speed, few enough
-# registers to keep several programs resident. Triton's interpreter (CPU CI) runs each loop
-# iteration as numpy calls with a fixed overhead, so it prefers bigger chunks: 16384 keeps the
-# V = 50257 tests fast while still walking 4 chunks with a ragged tail.
+# Vocabulary chunk each program loads per loop iteration. On a GPU, 4096 elements over 4 warps is
+# 32 elements per thread: enough bytes in flight per SM to stream at memory speed, few enough
+# registers to keep several programs resident. Measured on one H200 (N = 16384, V = 50257; sweep
+# of BLOCK_V 2048..16384 x 4/8/16 warps in kernels/results/nvidia-h200/sweep_block_v.json),
+# 4096 x 4 warps was the fastest forward at bf16 (1.276 ms; 1.367 with 8 warps) and ties 8 warps
+# at fp32 (1.630 vs 1.616 ms); bf16 forward+backward 2.478 vs 2.754 ms. Triton's interpreter (CPU
+# CI) runs each loop iteration as numpy calls with a fixed overhead, so it prefers bigger chunks:
+# 16384 keeps the V = 50257 tests fast while still walking 4 chunks with a ragged tail.
 BLOCK_V_GPU = 4096
-NUM_WARPS_GPU = 8
+NUM_WARPS_GPU = 4
 BLOCK_V_INTERPRETER = 16384
 
 
@@ -235,7 +238,7 @@ def _block_v(V: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocabulary of V on this device."""
     cap = BLOCK_V_GPU if device.type == "cuda" and not _kernels_interpreted() else BLOCK_V_INTERPRETER
     block = min(cap, triton.next_power_of_2(V))  # tl.arange needs a power of two
-    return block, NUM_WARPS_GPU if block >= 2048 else 4
+    return block, NUM_WARPS_GPU if block >= 2048 else 4  # small blocks: 4 warps already cover them
 
 
 def _as_btv(x: torch.Tensor) -> torch.Tensor:

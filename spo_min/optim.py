@@ -43,20 +43,28 @@ class AdamW:
     def step(self):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                t = state["step"].item()
-                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)
-                p.addcdiv_(m, denom, value=-(lr / (1 - beta1 ** t)))
+            # One call per operation for all parameters (torch._foreach_*: a loop over the list in
+            # C++, fused into few kernel launches on a GPU), each the update rule above, elementwise.
+            g = [p.grad for p in params]
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            t = [self.state[p]["step"].item() for p in params]
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)  # p <- p (1 - lr wd)
+            torch._foreach_lerp_(m, g, 1 - beta1)  # m <- b1 m + (1 - b1) g
+            torch._foreach_mul_(v, beta2)  # v <- b2 v + (1 - b2) g^2
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)  # sqrt(v) / sqrt(1 - b2^t) + eps
+            torch._foreach_div_(denom, [(1 - beta2 ** k) ** 0.5 for k in t])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, [-(lr / (1 - beta1 ** k)) for k in t])  # p -= lr/(1-b1^t) m/denom

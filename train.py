@@ -51,8 +51,9 @@ class TrainError(RuntimeError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", action="append", default=[], help="a dimension to align, in order (repeat): the built-in world's helpful, harmless, concise, "
-                        "or one given with --data")
+    p.add_argument("--stage", action="append", default=[],
+                   help="a dimension to align, in order (repeat): the built-in world's helpful, harmless, "
+                        "concise, or one given with --data")
     p.add_argument("--loss", choices=["spo", "dpo"], default="spo", help="dpo = sequential DPO (margin 0)")
     p.add_argument("--margin", choices=["exact", "telescoped"], default="exact",
                    help="exact E6 margin, or the telescoped simplification alpha*Delta log(pi_{n-1}/pi_0)")

@@ -238,7 +238,7 @@ def _block_v(V: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocabulary of V on this device."""
     cap = BLOCK_V_GPU if device.type == "cuda" and not _kernels_interpreted() else BLOCK_V_INTERPRETER
     block = min(cap, triton.next_power_of_2(V))  # tl.arange needs a power of two
-    return block, NUM_WARPS_GPU if block >= 2048 else 4  # small blocks: 4 warps already cover them
+    return block, NUM_WARPS_GPU
 
 
 def _as_btv(x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def round_lambdas(args, round_chain):
     if args.lambdas:
         return [float(x) for x in args.lambdas[n - max(2, first_round(args))].split(",")]
     scale = [args.alpha / float(meta["beta"]) for meta in round_chain[1:]]  # alpha / beta_i
-    if getattr(args, "margin", "exact") == "telescoped":
+    if args.margin == "telescoped":
         # The telescoped margin alpha Delta log(pi_{n-1}/pi_0) = sum_k (alpha/beta_k) Delta r_k is NOT
         # E6 with lambda_i = alpha/beta_i from round 3 on. Written in E6's form sum_i lambda_i Delta R_i
         # (Delta r_k = Delta R_k + sum_{i<k} lambda_i^(k) Delta R_i, E4), its lambdas are

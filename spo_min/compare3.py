@@ -112,8 +112,8 @@ def build_records(args, first, second):
         ev = evaluations[seed]
         opt_lambdas = optimum_lambdas(job["method"], betas, lambdas, job["alpha"])
         optimum = ev.predicted(rows[2]["style_logp"], STAGES, betas, [[], lambdas[1], opt_lambdas], from_round=3)
-        from_margin = ev.predicted_from_margin([r["style_logp"] for r in rows[:3]], "concise", betas[2],
-                                               margin_function(job["method"], betas, lambdas, job["alpha"]))
+        from_margin = ev.scores(ev.optimum_given_margin([r["style_logp"] for r in rows[:3]], "concise", betas[2],
+                                                        margin_function(job["method"], betas, lambdas, job["alpha"])))
         pi2 = compare._scalars(rows[2])
         records.append({
             "seed": seed, "method": job["method"], "alpha": job["alpha"], "setting": job["setting"],
@@ -160,7 +160,6 @@ def format_report(records, summary):
             for axis in AXES:
                 mean, half = compare.mean_ci([r[view][axis] for r in group])
                 row[f"{view}/{axis}"] = f"{mean:+.3f}" + (f" +-{half:.3f}" if half is not None and view == "measured" else "")
-        row["acc concise"] = sum(r["pi3"]["acc/concise"] for r in group) / len(group)
         row["own acc"] = sum(r["pi3"].get("acc_round_own", 0.0) for r in group) / len(group)
         rows.append(row)
     columns = [("setting", "round 3"), ("seeds", "seeds")]
@@ -229,8 +228,6 @@ def run(args):
     print(f"[compare] n = 3: {args.seeds} seeds x (pi_0, pi_1, pi_2, then {2 * len(alphas)} SPO + {len(betas3)} "
           f"sequential-DPO round-3 runs), {args.jobs} jobs in parallel", flush=True)
     first, second = compare._run_study(chains, lambda s: variants_of(args, alphas, betas3, common, s), args.jobs)
-    second.sort(key=lambda r: (r["job"]["seed"], METHOD_ORDER[r["job"]["method"]], r["job"]["alpha"],
-                               r["job"]["beta2"] or 0))
     records = build_records(args, first, second)
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         for r in records:

@@ -159,11 +159,6 @@ class ExactEvaluation:
                   for p, stats, logp in zip(self.prompts, self.stats, start_style_logp)]
         return [self.scores([torch.tensor(c[k]) for c in chains]) for k in range(len(chains[0]))]
 
-
-    def predicted_from_margin(self, chain_style_logp, stage, beta, margin_of):
-        """`scores` of `optimum_given_margin` (its docstring says what it predicts)."""
-        return self.scores(self.optimum_given_margin(chain_style_logp, stage, beta, margin_of))
-
     def optimum_given_margin(self, chain_style_logp, stage, beta, margin_of):
         """Round n's optimum given the margin its loss ACTUALLY uses: log pi_n*(s) per prompt.
 

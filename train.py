@@ -88,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=8, help="responses sampled per held-out prompt (0: none)")
     p.add_argument("--eval-temperature", type=float, default=0.7)
     p.add_argument("--eval-pairs", type=int, default=300, help="held-out pairs per dimension per evaluation")
+    p.add_argument("--trace-every", type=int, default=0,
+                   help="evaluate inside each round every N steps (held-out loss, E7 weights, exact scores, "
+                        "end-of-text) into metrics.jsonl; 0: only after each round")
     p.add_argument("--world-temperature", type=float, default=world_mod.DEFAULT_TEMPERATURE,
                    help="built-in world: Bradley-Terry temperature of the raters' labels")
     p.add_argument("--world-cautious", type=float, default=world_mod.DEFAULT_CAUTIOUS,
@@ -276,8 +279,11 @@ def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta):
     return msg
 
 
-def train_round(args, n, stage, round_chain, train_tok, dist, device):
-    """Round n: fine-tune pi_{n-1} with the SPO loss (E6) against pi_{n-1}, margin frozen."""
+def train_round(args, n, stage, round_chain, train_tok, dist, device, step_log=None, trace=None):
+    """Round n: fine-tune pi_{n-1} with the SPO loss (E6) against pi_{n-1}, margin frozen.
+
+    step_log (evaluate.StepLog) records each step's loss and E7 pair weights; trace(step, policy)
+    (evaluate.RoundTrace) evaluates the policy every --trace-every steps, and after the last."""
     path = chain.round_path(args.out, n, stage)
     state_path = path.replace(".safetensors", ".state.safetensors")
     beta = args.beta
@@ -312,6 +318,8 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, warmup=args.warmup)
+        if trace is not None and dist.is_main and step % args.trace_every == 0:
+            step_log.trace.append(trace(step, policy))  # no RNG, no grad: training is unchanged
         idx = dist.shard(schedule[step])
         batch = {k: v.to(device) for k, v in data.collate_pairs([train_tok[i] for i in idx]).items()}
         b = len(idx)
@@ -332,6 +340,9 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         if step == start and not args.no_grad_check:
             dist.print(f"[round {n}] gradient checks: {gradient_checks(policy, batch, rc, rr, m, beta)}")
         loss, metrics = losses.spo_loss(policy_seq[:b], policy_seq[b:], rc, rr, m, beta)
+        if step_log is not None:  # E7: each pair's weight sigmoid(M_n - h_theta), before this step's update
+            weights = losses.pair_weights(policy_seq[:b].detach(), policy_seq[b:].detach(), rc, rr, m, beta)
+            step_log.add(loss.detach(), weights, idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(policy)
@@ -345,6 +356,8 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         if args.crash_at_step is not None and step + 1 == args.crash_at_step:
             dist.barrier()
             os.kill(os.getpid(), 9)  # simulate kill -9 for the resume test
+    if trace is not None and dist.is_main:
+        step_log.trace.append(trace(args.steps, policy))
     if dist.is_main:
         try:
             save_model(policy, path, metadata=meta)
@@ -357,6 +370,39 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+def exact_evaluation(args, world, tokenizer, block_size, cache):
+    """The run's ExactEvaluation of the built-in world's held-out prompts (built once per run)."""
+    if "exact" not in cache:
+        prompts = world.prompts["heldout"][: args.eval_prompts]
+        cache["exact"] = evaluate.ExactEvaluation(world, prompts, tokenizer, block_size)
+    return cache["exact"]
+
+
+def round_monitors(args, stage, round_chain, tokenized, world, tokenizer, device, cache):
+    """What a round records while it trains: its StepLog (E7 weights, per pair type on the built-in
+    world) and, with --trace-every, a RoundTrace on its held-out pairs with the round's own frozen
+    reference and margin (E6), computed once like the training ones."""
+    train_pairs, heldout = tokenized[stage][0], tokenized[stage][1][: args.eval_pairs]
+    on_world = world is not None and stage in world.pairs and len(world.pairs[stage]["train"]) == len(train_pairs)
+    groups = evaluate.pair_types(stage, world.pairs[stage]["train"], args.all_stages)[0] if on_world else None
+    step_log = evaluate.StepLog(groups)
+    if not args.trace_every:
+        return step_log, None
+    cached = argparse.Namespace(**{**vars(args), "ref": "cache"})  # the trace always needs pi_{n-1}'s log-probs
+    frozen = frozen_round_inputs(round_chain, heldout, cached, device)
+    base, _ = chain.load_verified(round_chain[0], device=device)
+    base_chosen = frozen_sequence_logps(base, heldout, average=args.average_logps, device=device,
+                                        logits=args.logits)[0]
+    exact = exact_evaluation(args, world, tokenizer, base.config.block_size, cache) if world is not None else None
+    samples = exact.prompts if exact is not None and args.eval_samples > 0 else []
+    heldout_groups = (evaluate.pair_types(stage, world.pairs[stage]["heldout"][: len(heldout)], args.all_stages)[0]
+                      if on_world else None)
+    trace = evaluate.RoundTrace(heldout, frozen, base_chosen, args.beta, exact, tokenizer, samples, heldout_groups,
+                                average=args.average_logps, logits=args.logits, seed=args.seed,
+                                temperature=args.eval_temperature, device=device)
+    return step_log, trace
+
 
 def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tokenizer, device, cache,
                    parent_path=None):
@@ -385,11 +431,13 @@ def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tok
                 parent, _ = load_model(parent_path, device=device)
                 parent_logps = frozen_sequence_logps(parent, heldout, average=args.average_logps, device=device,
                                                      logits=args.logits)
-                row["acc_round_own"] = evaluate.accuracy_by_type(policy_logps, parent_logps, types, own)["acc_true"]
+                own_move = evaluate.accuracy_by_type(policy_logps, parent_logps, types, own)
+                row["acc_round_own"] = own_move["acc_true"]  # against the TRUE order
+                for kind in evaluate.PAIR_KINDS:  # what the round learned, per pair type, against the labels
+                    row[f"acc_round_own/{kind}"] = own_move[f"acc_{kind}"]
     if world is not None:
         prompts = world.prompts["heldout"][: args.eval_prompts]
-        if "exact" not in cache:
-            cache["exact"] = evaluate.ExactEvaluation(world, prompts, tokenizer, policy.config.block_size)
+        exact_evaluation(args, world, tokenizer, policy.config.block_size, cache)
         style_logp = cache["exact"].style_logprobs(policy, device=device)
         row.update(cache["exact"].scores(style_logp))
         row["exact/off_style"] = cache["exact"].off_style_mass()
@@ -447,10 +495,12 @@ def main(argv=None):
         round_chain = [chain.chain_entry(base_path)]
     if args.resume:  # every reused round and state is checked before metrics.jsonl is touched
         chain.check_resume_plan(args, {stage: pairs[0] for stage, pairs in tokenized.items()}, base_path)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")  # one evaluation row per round
+    steps_path = os.path.join(args.out, "steps.jsonl")  # per round: each step's loss and E7 weights, the trace
     cache, rows = {}, []
     if dist.is_main:
         runs.start_metrics(metrics_path, args.resume)
+        runs.start_metrics(steps_path, args.resume)
         if not branch_chain:  # a branch's earlier rounds were evaluated by the run that made them
             rows.append(evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer, device,
                                        cache))
@@ -458,17 +508,24 @@ def main(argv=None):
     for n, stage in enumerate(args.stage, start=args.first_round):
         t0 = time.time()
         path = chain.round_path(args.out, n, stage)
+        step_log = None
         if args.resume and os.path.exists(path):  # its settings were checked by check_resume_plan
             dist.print(f"[round {n}] {path} already complete; reusing it")
         else:
-            path = train_round(args, n, stage, round_chain, tokenized[stage][0], dist, device)
+            step_log, trace = round_monitors(args, stage, round_chain, tokenized, world, tokenizer, device, cache)
+            path = train_round(args, n, stage, round_chain, tokenized[stage][0], dist, device, step_log, trace)
         round_chain.append(chain.chain_entry(path))
         if dist.is_main:
             chain.check_unchanged(round_chain[0], round_chain[-1])  # pi_0 and pi_n, as evaluated below
             rows.append(evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer, device, cache,
                                        parent_path=round_chain[-2]["path"]))
             rows[-1]["seconds"] = round(time.time() - t0, 1)
+            if step_log is not None:
+                rows[-1].update(step_log.summary())
             runs.append_metrics(metrics_path, rows[-1], run_id)
+            if step_log is not None:  # the per-step record, in a file of its own (lists, for plots)
+                runs.append_metrics(steps_path, {"round": n, "stage": stage, **step_log.record()}, run_id)
+                rows[-1]["steps"] = step_log.record()
             print(evaluate.format_table(rows[-1:], evaluate_columns(rows, args.all_stages)))
     if dist.is_main:
         print("\nResults (acc = held-out implicit-reward accuracy, Delta log(pi_k/pi_0) > 0 on the labelled pairs;")

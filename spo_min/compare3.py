@@ -1,6 +1,6 @@
 """Round 3: does the exact E6 margin matter, against its telescoped simplification and DPO?
 
-    python -m spo_min.compare --rounds 3            # 3 seeds; alpha 0.5 and 1; DPO beta_3 = 1
+    python -m spo_min.compare --rounds 3            # 5 seeds; alpha 0.5 and 1; DPO beta_3 = 1
     python -m spo_min.compare --rounds 3 --quick    # 2 seeds, a nano model: the end-to-end test
 
 At n = 2 the telescoped margin alpha Delta log(pi_1/pi_0) IS E5. From n = 3 on they part ways.
@@ -16,19 +16,26 @@ With beta = 1 and round 2's alpha_2 = 0.5 it weights d_1 by alpha_3, where E6 we
 alpha_3 / 2. At the optimum that is E3 with the effective lambdas
 [alpha_3/beta_1 + alpha_3 lambda_1^(2)/beta_2, alpha_3/beta_2] instead of [alpha_3/beta_1, alpha_3/beta_2].
 
-The design, for each seed:
-  1. pi_0, pi_1 (helpful, DPO) and pi_2 (harmless, SPO with train.py's default alpha) once.
-  2. Round 3 on concise pairs BRANCHED from that same pi_2, same batch order: the exact margin and
-     the telescoped one for every alpha_3 of the grid, and sequential DPO for every beta_3.
-  3. Every pi_3 is scored by the exact evaluation against pi_2:
+PRE-REGISTERED DESIGN (written before the 5-seed run):
+  * Seeds 0..4 (5; each its own world, pi_0 and batch order), train.py's defaults (the README
+    demo's regime). Per seed: pi_0, pi_1 (helpful, DPO) and pi_2 (harmless, SPO alpha 0.5) once;
+    then round 3 on concise pairs BRANCHED from that same pi_2, same batch order: the exact
+    margin and the telescoped one for alpha_3 in {0.5, 1}, and sequential DPO (beta_3 = 1).
+  * Every pi_3 is read by the exact evaluation as changes from pi_2 on three axes:
         concise gained = conciseness over all held-out prompts, pi_3 - pi_2
         help kept      = helpfulness on benign prompts,          pi_3 - pi_2 (0 = all kept)
         harm kept      = harmlessness on harmful prompts,        pi_3 - pi_2
-     next to two predictions started from the measured pi_2: the optimum with every earlier
-     round at ITS optimum (the true earlier rewards in the margin), and the optimum of the
-     margin the round actually used (the implicit rewards the finite earlier rounds reached).
-  4. Verdict: per seed and alpha_3, exact minus telescoped on each of the three numbers; the
-     mean over seeds with a 95% t-interval.
+    next to two predictions from the measured pi_2: "optimum" (every earlier round at ITS
+    optimum: the true earlier rewards in the margin) and "margin opt." (the optimum of the margin
+    the round actually used: the implicit rewards the finite earlier rounds reached).
+  * PRIMARY statistic, one per alpha_3: the three axes are three read-outs of one style shift,
+    so they are not tested one by one. Per seed, u = the unit vector of the margin-optimum gap
+    (exact minus telescoped "margin opt." changes, the direction E6 says the two margins pull
+    apart in), and the statistic is the measured exact-minus-telescoped change projected on u.
+    Paired by seed; > 0 means training moved the way the margins' optima differ. Band: +-10% of
+    the mean length of that gap. Exact t quantiles, TOST before "higher"/"lower"
+    (spo_min/stats.py).
+  * Secondary: each axis, exact minus telescoped (band 0.02), reported, never ranked.
 
 Writes OUT/results.jsonl (one record per pi_3), OUT/round3.png and OUT/verdict.json.
 """
@@ -39,7 +46,7 @@ import json
 import os
 import time
 
-from spo_min import compare
+from spo_min import stats, study
 
 STAGES = ["helpful", "harmless", "concise"]
 AXES = {"concise gained": "exact/concise_all", "help kept": "exact/helpful_benign",
@@ -47,25 +54,26 @@ AXES = {"concise gained": "exact/concise_all", "help kept": "exact/helpful_benig
 METHOD_ORDER = {"exact": 0, "telescoped": 1, "dpo": 2}
 
 
-def variants_of(args, alphas, betas3, common, seed):
-    """Round-3 jobs branched from one seed's pi_2."""
-    branch = os.path.join(args.out, f"seed{seed}", "round2_harmless.safetensors")
-    variants = []
-    for a in alphas:
-        variants.append({"method": "exact", "alpha": a, "beta2": None, "setting": f"exact a={a:g}",
-                         "name": f"exact_{a:g}", "extra": ["--alpha", str(a)]})
-        variants.append({"method": "telescoped", "alpha": a, "beta2": None, "setting": f"telescoped a={a:g}",
-                         "name": f"telescoped_{a:g}", "extra": ["--margin", "telescoped", "--alpha", str(a)]})
-    for b in betas3:
-        variants.append({"method": "dpo", "alpha": 0.0, "beta2": b, "setting": f"DPO b3={b:g}",
-                         "name": f"dpo_{b:g}", "extra": ["--loss", "dpo", "--beta", str(b)]})
-    logs = os.path.join(args.out, "logs")
-    for v in variants:
-        name = f"seed{seed}_r3_{v.pop('name')}"
-        v.update(seed=seed, log=os.path.join(logs, f"{name}.log"), out=os.path.join(args.out, name),
-                 argv=["--branch", branch, "--stage", "concise", "--seed", str(seed),
-                       "--out", os.path.join(args.out, name), *common, *v.pop("extra")])
-    return variants
+DEFAULT_SEEDS, DEFAULT_ALPHAS = 5, "0.5,1"
+
+
+def build_jobs(args, alphas, common):
+    """Per seed: pi_0..pi_2 once, then round 3 BRANCHED from that pi_2 (same batch order)."""
+    jobs = []
+    for s in range(args.first_seed, args.first_seed + args.seeds):
+        seed = ["--seed", str(s)]
+        jobs.append(study.job(f"seed{s}", ["--stage", "helpful", "--stage", "harmless", *seed, *common], args.out,
+                              seed=s, method=None))
+        pi2 = os.path.join(args.out, f"seed{s}", "round2_harmless.safetensors")
+        variants = [("dpo", 0.0, ["--loss", "dpo"])]
+        for a in alphas:
+            variants += [("exact", a, ["--alpha", str(a)]), ("telescoped", a, ["--margin", "telescoped", "--alpha", str(a)])]
+        for method, a, extra in variants:
+            name = f"seed{s}_r3_{method}" + (f"_{a:g}" if method != "dpo" else "")
+            setting = f"{method} a={a:g}" if method != "dpo" else "DPO b3=1"
+            jobs.append(study.job(name, ["--branch", pi2, "--stage", "concise", *seed, *common, *extra], args.out,
+                                  after=f"seed{s}", seed=s, method=method, alpha=a, setting=setting))
+    return jobs
 
 
 def margin_function(method, betas, lambdas, alpha):
@@ -94,61 +102,81 @@ def changes(before, after):
     return {name: after[key] - before[key] for name, key in AXES.items()}
 
 
-def build_records(args, first, second):
+def build_records(args, jobs, results):
     from spo_min.checkpoint import read_metadata
 
     records, evaluations = [], {}
-    for result in second:
-        job, pi3 = result["job"], result["rows"][-1]
+    for job in jobs:
+        if job["method"] is None:
+            continue
+        pi3 = results[job["name"]]["rows"][-1]
         seed = job["seed"]
-        rows = first[seed]["rows"]  # base, pi_1, pi_2 of this seed
-        meta = read_metadata(os.path.join(job["out"], "round3_concise.safetensors"))
+        rows = results[f"seed{seed}"]["rows"]  # base, pi_1, pi_2 of this seed
+        meta = read_metadata(os.path.join(job["folder"], "round3_concise.safetensors"))
         chain = [read_metadata(os.path.join(args.out, f"seed{seed}", f)) for f in
                  ("round1_helpful.safetensors", "round2_harmless.safetensors")]
         betas = [float(chain[0]["beta"]), float(chain[1]["beta"]), float(meta["beta"])]
         lambdas = [[], [float(x) for x in chain[1]["lambdas"]], [float(x) for x in meta["lambdas"]]]
         if seed not in evaluations:
-            evaluations[seed] = compare._exact_evaluation(args, seed)
+            evaluations[seed] = study.exact_evaluation(seed, os.path.join(args.out, f"seed{seed}", "base.safetensors"),
+                                                         study.common_train_args(args.quick, args.samples, args.train_args))
         ev = evaluations[seed]
         opt_lambdas = optimum_lambdas(job["method"], betas, lambdas, job["alpha"])
         optimum = ev.predicted(rows[2]["style_logp"], STAGES, betas, [[], lambdas[1], opt_lambdas], from_round=3)
         from_margin = ev.scores(ev.optimum_given_margin([r["style_logp"] for r in rows[:3]], "concise", betas[2],
                                                         margin_function(job["method"], betas, lambdas, job["alpha"])))
-        pi2 = compare._scalars(rows[2])
+        pi2 = study.scalars(rows[2])
         records.append({
             "seed": seed, "method": job["method"], "alpha": job["alpha"], "setting": job["setting"],
             "betas": betas, "lambdas": lambdas, "margin": meta.get("margin_mode"), "optimum_lambdas": opt_lambdas,
-            "seconds": round(result["seconds"], 1),
+            "seconds": results[job["name"]]["seconds"],
             "measured": changes(pi2, pi3), "optimum": changes(optimum[0], optimum[1]),
             "from_margin": changes(optimum[0], from_margin),
-            "pi2": pi2, "pi3": compare._scalars(pi3),
+            "pi2": pi2, "pi3": study.scalars(pi3),
         })
     return records
 
 
+BAND_SHARE = 0.10  # the primary band: this share of the margin-optimum gap's mean length
+
+
+def projection(pair):
+    """The primary statistic of one seed: the measured exact-minus-telescoped change, projected on
+    the unit vector of the margin-optimum gap (exact minus telescoped "margin opt." changes)."""
+    gap = [pair["exact"]["from_margin"][a] - pair["telescoped"]["from_margin"][a] for a in AXES]
+    norm = sum(g * g for g in gap) ** 0.5
+    measured = [pair["exact"]["measured"][a] - pair["telescoped"]["measured"][a] for a in AXES]
+    return sum(m * g for m, g in zip(measured, gap)) / norm, norm
+
+
 def summarise(records):
-    """Per alpha_3: exact minus telescoped, paired by seed, on each axis and each view."""
-    out = {}
+    """Per alpha_3: the pre-registered projection, and each axis, exact minus telescoped, paired by seed."""
+    comparisons = []
     for alpha in sorted({r["alpha"] for r in records if r["method"] != "dpo"}):
         by_seed = {}
         for r in records:
             if r["alpha"] == alpha and r["method"] in ("exact", "telescoped"):
                 by_seed.setdefault(r["seed"], {})[r["method"]] = r
-        pairs = [v for _, v in sorted(by_seed.items()) if len(v) == 2]
-        out[alpha] = {}
-        for view in ("measured", "from_margin", "optimum"):
-            out[alpha][view] = {}
-            for axis in AXES:
+        if any(len(v) != 2 for v in by_seed.values()):
+            raise SystemExit(f"error: alpha_3 {alpha:g}: a seed lacks its exact or telescoped run (nothing is dropped)")
+        pairs = [v for _, v in sorted(by_seed.items())]
+        projected = [projection(p) for p in pairs]
+        band = BAND_SHARE * sum(n for _, n in projected) / len(projected)
+        names = {"spo": f"exact a3={alpha:g}", "baseline": f"telescoped a3={alpha:g}"}
+        comparisons.append({**names, "statistic": "exact - telescoped change, projected on the margin-optimum gap",
+                            "primary": True, "alpha": alpha, "gap_norms": [n for _, n in projected],
+                            **stats.paired([d for d, _ in projected], band, "as the margin optima differ",
+                                           "against the margin optima")})
+        for axis in AXES:
+            for view in ("measured", "from_margin", "optimum"):
                 diffs = [p["exact"][view][axis] - p["telescoped"][view][axis] for p in pairs]
-                mean, half = compare.mean_ci(diffs)
-                zero_inside = half is None or abs(mean) <= half
-                out[alpha][view][axis] = {"diffs": diffs, "mean": mean, "ci95": half,
-                                          "verdict": "within noise" if zero_inside else
-                                          ("exact higher" if mean > 0 else "telescoped higher")}
-    return out
+                comparisons.append({**names, "statistic": f"{axis} ({view})", "primary": False, "alpha": alpha,
+                                    **stats.paired(diffs, 0.02, "exact higher", "telescoped higher")})
+    return comparisons
 
 
 def format_report(records, summary):
+    """The table of every setting (mean over seeds), then the comparisons."""
     from spo_min.evaluate import format_table
 
     rows = []
@@ -158,7 +186,7 @@ def format_report(records, summary):
         row = {"setting": setting, "seeds": len(group)}
         for view in ("measured", "from_margin", "optimum"):
             for axis in AXES:
-                mean, half = compare.mean_ci([r[view][axis] for r in group])
+                mean, half = stats.mean_ci([r[view][axis] for r in group])
                 row[f"{view}/{axis}"] = f"{mean:+.3f}" + (f" +-{half:.3f}" if half is not None and view == "measured" else "")
         row["own acc"] = sum(r["pi3"].get("acc_round_own", 0.0) for r in group) / len(group)
         rows.append(row)
@@ -167,16 +195,11 @@ def format_report(records, summary):
     columns += [(f"from_margin/{a}", f"{a.split()[0]} (margin opt.)") for a in AXES]
     columns += [(f"optimum/{a}", f"{a.split()[0]} (optimum)") for a in AXES]
     columns += [("own acc", "own acc (round)")]
-    lines = [format_table(rows, columns), "",
-             "exact minus telescoped, paired by seed (mean, 95% CI):"]
-    for alpha, views in summary.items():
-        for view, label in (("measured", "measured"), ("from_margin", "optimum of the margins used"),
-                            ("optimum", "optimum with earlier rounds optimal")):
-            parts = []
-            for axis, s in views[view].items():
-                ci = "" if s["ci95"] is None else f" +- {s['ci95']:.3f}"
-                parts.append(f"{axis} {s['mean']:+.3f}{ci} ({s['verdict']})")
-            lines.append(f"  alpha_3 {alpha:g}, {label}: " + "; ".join(parts))
+    lines = [format_table(rows, columns), ""]
+    for c in summary:
+        if c["primary"] or c["statistic"].endswith("(measured)"):
+            tag = "PRIMARY  " if c["primary"] else "secondary"
+            lines.append(f"{tag} {c['spo']} - {c['baseline']}, {c['statistic']}: {stats.describe(c)}")
     return "\n".join(lines)
 
 
@@ -194,8 +217,8 @@ def plot(records, path):
             colour = colours[group[0]["method"]]
             for view, marker, fill in (("measured", "o", colour), ("from_margin", "s", "none"),
                                        ("optimum", "^", "none")):
-                (mx, hx), (my, hy) = (compare.mean_ci([r[view]["concise gained"] for r in group]),
-                                      compare.mean_ci([r[view][axis] for r in group]))
+                (mx, hx), (my, hy) = (stats.mean_ci([r[view]["concise gained"] for r in group]),
+                                      stats.mean_ci([r[view][axis] for r in group]))
                 ax.errorbar(mx, my, xerr=hx if view == "measured" else None, yerr=hy if view == "measured" else None,
                             fmt=marker, color=colour, mfc=fill, capsize=3,
                             label=f"{setting} ({view.replace('_', ' ')})" if axis == "help kept" else None)
@@ -215,28 +238,32 @@ def plot(records, path):
 
 
 def run(args):
-    """The n = 3 study (compare.main hands over with parsed and checked arguments)."""
-    alphas = [float(a) for a in args.alphas.split(",")]
-    betas3 = [float(b) for b in args.beta2s.split(",")]
+    """The n = 3 study (compare.main hands over with parsed arguments)."""
+    args.seeds = study.seed_count(args, DEFAULT_SEEDS)
+    alphas = [float(a) for a in (args.alphas or DEFAULT_ALPHAS).split(",")]
     t0 = time.time()
-    os.makedirs(args.out, exist_ok=True)
-    common = compare.common_train_args(args)
-    logs = os.path.join(args.out, "logs")
-    chains = [{"argv": ["--stage", "helpful", "--stage", "harmless", "--seed", str(s),
-                        "--out", os.path.join(args.out, f"seed{s}"), *common],
-               "log": os.path.join(logs, f"seed{s}_rounds12.log"), "seed": s} for s in range(args.seeds)]
-    print(f"[compare] n = 3: {args.seeds} seeds x (pi_0, pi_1, pi_2, then {2 * len(alphas)} SPO + {len(betas3)} "
-          f"sequential-DPO round-3 runs), {args.jobs} jobs in parallel", flush=True)
-    first, second = compare._run_study(chains, lambda s: variants_of(args, alphas, betas3, common, s), args.jobs)
-    records = build_records(args, first, second)
+    common = study.common_train_args(args.quick, args.samples, args.train_args)
+    jobs = build_jobs(args, alphas, common)
+    done = {}
+    if not args.report_only:
+        study.fresh_out(args.out)
+        print(f"[compare] n = 3: seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, {len(jobs)} train.py "
+              f"runs, {args.jobs} in parallel; logs in {args.out}/logs", flush=True)
+        done = study.run_jobs(jobs, args.jobs)
+    results = study.load_runs(jobs, done)
+    records = build_records(args, jobs, results)
+    comparisons = summarise(records)
+    wall = time.time() - t0
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    summary = summarise(records)
     with open(os.path.join(args.out, "verdict.json"), "w") as f:
-        json.dump({str(k): v for k, v in summary.items()}, f, indent=1)
+        json.dump({"seeds": args.seeds, "first_seed": args.first_seed, "alphas": alphas, "train_args": common,
+                   "comparisons": comparisons,
+                   "wall_seconds": study.earlier_wall_seconds(args.out, "verdict.json") if args.report_only
+                   else round(wall)}, f, indent=1)
     plot(records, os.path.join(args.out, "round3.png"))
     print()
-    print(format_report(records, summary))
-    print(f"[compare] {time.time() - t0:.0f} s; {args.out}/results.jsonl, round3.png, verdict.json, logs/")
-    return records, summary
+    print(format_report(records, comparisons))
+    print(f"[compare] {wall:.0f} s; {args.out}/results.jsonl, round3.png, verdict.json, logs/")
+    return records, comparisons

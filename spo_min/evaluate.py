@@ -32,8 +32,9 @@ from collections import defaultdict
 
 import torch
 
+from spo_min import losses
 from spo_min import world as world_mod
-from spo_min.data import collate_sft, tokenize_sft
+from spo_min.logps import frozen_sequence_logps
 
 
 def preference_accuracy(policy_logps, base_logps):
@@ -159,6 +160,34 @@ class ExactEvaluation:
                   for p, stats, logp in zip(self.prompts, self.stats, start_style_logp)]
         return [self.scores([torch.tensor(c[k]) for c in chains]) for k in range(len(chains[0]))]
 
+    def rewards(self, k, weights):
+        """sum_d w_d R_d(x_k, s) for every style s of prompt k, as a (S,) float64 tensor: the
+        reward the raters label by (R_d = label score / temperature, as in predict_optimum)."""
+        p, stats = self.prompts[k], self.stats[k]
+        return torch.tensor([sum(w * stats[s][f"label/{d}"] for d, w in weights.items()) / self.world.temperature
+                             for s in p.styles], dtype=torch.float64)
+
+    def objective(self, style_logp, base_style_logp, weights):
+        """E10's KL-regularised objective at the style level, averaged over the prompts:
+
+            J(pi) = E_{s~pi}[ sum_d w_d R_d(x, s) ] - KL( pi(.|x) || pi_0(.|x) )
+            J*    = max_pi J(pi) = log sum_s pi_0(s|x) exp(sum_d w_d R_d(x, s))
+            gap   = J* - J(pi) = KL( pi || pi* ),  pi* = pi_0 exp(sum_d w_d R_d) / Z   (>= 0)
+
+        With weights {d_1: 1/beta_1 + lambda/beta_2, d_2: 1/beta_2}, pi* is the optimum that
+        SPO(beta_1, beta_2, lambda) and its matched sequential DPO share (E10). All in nats.
+        """
+        j, j_star = [], []
+        for k in range(len(self.prompts)):
+            logp = torch.as_tensor(style_logp[k], dtype=torch.float64)
+            logp0 = torch.as_tensor(base_style_logp[k], dtype=torch.float64)
+            reward = self.rewards(k, weights)
+            p = logp.exp()
+            j.append(float((p * reward).sum() - (p * (logp - logp0)).sum()))
+            j_star.append(float(torch.logsumexp(logp0 + reward, dim=0)))
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return {"J": mean(j), "J*": mean(j_star), "gap": mean([b - a for a, b in zip(j, j_star)])}
+
     def optimum_given_margin(self, chain_style_logp, stage, beta, margin_of):
         """Round n's optimum given the margin its loss ACTUALLY uses: log pi_n*(s) per prompt.
 
@@ -173,11 +202,10 @@ class ExactEvaluation:
         optimum), this uses the implicit rewards the earlier rounds actually reached.
         """
         out = []
-        for k, (p, stats) in enumerate(zip(self.prompts, self.stats)):
+        for k in range(len(self.prompts)):
             logps = [torch.as_tensor(c[k], dtype=torch.float64) for c in chain_style_logp]
             margin = margin_of(logps, [torch.zeros_like(lp) for lp in logps])
-            reward = torch.tensor([stats[s][f"label/{stage}"] / self.world.temperature for s in p.styles],
-                                  dtype=torch.float64)  # E4: the reward the raters label by
+            reward = self.rewards(k, {stage: 1.0})  # E4: the reward the raters label by
             out.append(torch.log_softmax(logps[-1] + (reward + margin) / beta, dim=-1))
         return out
 
@@ -255,6 +283,102 @@ def world_scores(world_prompts, responses, ended=None):
         out["eot_rate"] = mean([float(e) for e in ended])
         out["template_rate"] = mean(templated)
     return out
+
+
+# ----------------------------------------------------------------------------- inside a round
+
+PAIR_KINDS = ("agree", "conflict", "tie")
+
+
+class StepLog:
+    """Per-step record of a round: the loss, and E7's per-pair weight sigmoid(M_n - h_theta).
+
+    On the built-in world each training pair has a type (`pair_types`: do the run's other
+    dimensions agree with its label, conflict with it, or tie?); the weight is then also kept
+    per type, which is what SPO's margin changes against sequential DPO's constant 1/2 at h = 0.
+    """
+
+    def __init__(self, pair_groups=None):
+        self.pair_groups = pair_groups  # one type per training pair, or None (file data)
+        self.log = {"loss": [], "pair_weight": []}
+        if pair_groups is not None:
+            self.log.update({f"pair_weight/{kind}": [] for kind in PAIR_KINDS})
+        self.trace = []
+
+    def add(self, loss, weights, idx):
+        """weights: E7's sigmoid(M - h) of the step's pairs (losses.pair_weights); idx: their indices."""
+        self.log["loss"].append(float(loss))
+        self.log["pair_weight"].append(float(weights.mean()))
+        if self.pair_groups is not None:
+            w = weights.tolist()
+            for kind in PAIR_KINDS:
+                mine = [x for x, i in zip(w, idx) if self.pair_groups[i] == kind]
+                self.log[f"pair_weight/{kind}"].append(sum(mine) / len(mine) if mine else None)
+
+    def summary(self):
+        """Round-level means for the evaluation row: the weight at the first step, over the whole
+        round and over its last tenth, in total and per pair type."""
+        out = {}
+        for key, values in self.log.items():
+            if not key.startswith("pair_weight"):
+                continue
+            tail = max(1, len(values) // 10)
+            for name, part in (("start", values[:1]), ("mean", values), ("end", values[-tail:])):
+                seen = [v for v in part if v is not None]
+                out[f"{key}/{name}"] = sum(seen) / len(seen) if seen else None  # e.g. pair_weight/conflict/start
+        return out
+
+    def record(self):
+        return {**self.log, "trace": self.trace}
+
+
+class RoundTrace:
+    """Evaluation every --trace-every steps inside a round (the studies' convergence arm).
+
+    What a point holds, on the round's own held-out pairs and the held-out prompts:
+      heldout_loss        the round's own objective (E6 with the same frozen margin, computed on
+                          the held-out pairs), the number early stopping watches;
+      heldout_acc         the round's own move, Delta log(pi_theta / pi_{n-1}) > 0 on the labels;
+      heldout_weight/...  E7's weight sigmoid(M - h) at the current policy, per pair type;
+      dlogp_yw            likelihood displacement of the preferred responses against pi_0;
+      style_logp, exact/* the exact evaluation (E10's J is computed from style_logp afterwards);
+      eot_rate            the share of a few samples per prompt that end with end-of-text.
+    """
+
+    SAMPLES = 2  # per held-out prompt: enough to see end-of-text collapse, cheap every trace
+
+    def __init__(self, heldout, frozen, base_chosen, beta, exact, tokenizer, sample_prompts, groups,
+                 average=False, logits="chunked", seed=0, temperature=0.7, device="cpu"):
+        self.heldout, self.base_chosen, self.beta, self.exact = heldout, base_chosen, beta, exact
+        self.ref_chosen, self.ref_rejected, self.margin = frozen
+        self.tokenizer, self.groups, self.average, self.logits = tokenizer, groups, average, logits
+        self.prompts = [p for p in sample_prompts for _ in range(self.SAMPLES)]
+        self.seed, self.temperature, self.device = seed, temperature, device
+
+    def __call__(self, step, policy):
+        chosen, rejected = frozen_sequence_logps(policy, self.heldout, average=self.average, device=self.device,
+                                                 logits=self.logits)
+        loss, _ = losses.spo_loss(chosen, rejected, self.ref_chosen, self.ref_rejected, self.margin, self.beta)
+        weights = losses.pair_weights(chosen, rejected, self.ref_chosen, self.ref_rejected, self.margin, self.beta)
+        delta = (chosen - self.ref_chosen) - (rejected - self.ref_rejected)
+        point = {"step": step, "heldout_loss": float(loss), "heldout_acc": float((delta > 0).float().mean()),
+                 "heldout_weight": float(weights.mean()),
+                 "dlogp_yw": float((chosen - self.base_chosen).mean())}
+        if self.groups is not None:
+            for kind in PAIR_KINDS:
+                mine = [w for w, g in zip(weights.tolist(), self.groups) if g == kind]
+                point[f"heldout_weight/{kind}"] = sum(mine) / len(mine) if mine else None
+        if self.exact is not None:
+            style_logp = self.exact.style_logprobs(policy, device=self.device)
+            scores = self.exact.scores(style_logp)
+            point.update({k: scores[k] for k in ("exact/helpful_benign", "exact/harmless_harmful")})
+            point["exact/off_style"] = self.exact.off_style_mass()
+            point["style_logp"] = [lp.tolist() for lp in style_logp]
+        if self.prompts:
+            _, ended = sample_responses(policy, self.tokenizer, [p.text for p in self.prompts], seed=self.seed,
+                                        temperature=self.temperature, device=self.device, return_ended=True)
+            point["eot_rate"] = sum(ended) / len(ended)
+        return point
 
 
 # What "training that does not degenerate" means here (README.md): after every round, the

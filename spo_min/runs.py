@@ -107,7 +107,8 @@ def preflight(args, world_size=1):
         positive_ints.append(("--eval-prompts", args.eval_prompts))
     for flag, value in positive_ints:
         _check(value >= 1, f"{flag} must be >= 1, got {value}")
-    for flag, value in [("--eval-samples", args.eval_samples), ("--warmup", args.warmup)]:
+    for flag, value in [("--eval-samples", args.eval_samples), ("--warmup", args.warmup),
+                        ("--trace-every", args.trace_every)]:
         _check(value >= 0, f"{flag} must be >= 0, got {value}")  # --eval-samples 0: exact evaluation only
     _check(args.world_temperature > 0 and math.isfinite(args.world_temperature),
            f"--world-temperature must be a positive number, got {args.world_temperature}")

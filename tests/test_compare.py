@@ -1,98 +1,114 @@
-"""`python -m spo_min.compare --quick` end to end: branching, records, prediction, verdict, plot.
+"""The studies end to end at a nano scale: `compare --quick` (round 2) and `--rounds 3 --quick`.
 
-Small and seeded (2 seeds, nano model, one alpha and one beta_2): it checks the study's
-plumbing and bookkeeping, not its finding (README.md reports the full study).
+Small and seeded (2 seeds, nano model, one alpha): they check the studies' design and
+bookkeeping (branching, the matched baseline, records, predictions, statistics), not their
+findings (README.md and notebooks 04/05 report the full studies).
 """
 
 import json
 
 import pytest
 
-from spo_min import chain, compare
+from spo_min import chain, compare, study
 from spo_min.checkpoint import read_metadata
 
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare")
+    out = tmp_path_factory.mktemp("compare") / "study"
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)  # training runs use the torch path (as train.py users do)
     try:
-        records, summary = compare.main(["--quick", "--out", str(out), "--alphas", "2", "--beta2s", "3", "--samples", "1"])
+        records, comparisons = compare.main(["--quick", "--out", str(out), "--alphas", "1", "--samples", "1"])
     finally:
         mp.undo()
-    return out, records, summary
+    return out, records, comparisons
 
 
-def test_quick_study_writes_every_record(quick_study):
-    out, records, summary = quick_study
-    assert sorted((r["seed"], r["method"]) for r in records) == [(0, "dpo"), (0, "spo"), (1, "dpo"), (1, "spo")]
-    on_disk = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(on_disk) == 4 and (out / "frontier.png").stat().st_size > 0
-    assert json.loads((out / "verdict.json").read_text())["measured"]["pooled"]["verdict"]
-    for r in records:
-        # x and y are differences of the exact evaluation between pi_2 and the SAME seed's pi_1.
-        assert r["measured"]["x"] == pytest.approx(r["pi2"]["exact/harmless_harmful"] - r["pi1"]["exact/harmless_harmful"])
-        assert r["measured"]["y"] == pytest.approx(r["pi2"]["exact/helpful_benign"] - r["pi1"]["exact/helpful_benign"])
-        assert -1 <= r["predicted"]["x"] <= 1 and -1 <= r["predicted"]["y"] <= 1
-    assert set(summary["measured"]["per_alpha"]) == {2.0}
+def test_every_seed_has_spo_its_matched_chain_and_dpo(quick_study):
+    out, records, comparisons = quick_study
+    assert sorted((r["seed"], r["method"]) for r in records) == [
+        (0, "dpo"), (0, "matched"), (0, "spo"), (1, "dpo"), (1, "matched"), (1, "spo")]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6 and (out / "compare.png").stat().st_size > 0
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["seeds"] == 2
+    primary = [c for c in verdict["comparisons"] if c["primary"]]
+    assert len(primary) == 1 and "matched" in primary[0]["baseline"]
+    for c in verdict["comparisons"]:  # nothing dropped: every comparison has every seed
+        assert {"spo", "baseline", "statistic", "n", "dof", "mean", "half_width", "verdict"} <= set(c)
+        assert c["n"] == 2 and c["dof"] == 1 and len(c["diffs"]) == 2
 
 
-def test_round2_variants_branch_from_the_same_pi1(quick_study):
-    out = quick_study[0]
+def test_matched_chain_is_e10s(quick_study):
+    """Round 1 of the matched chain: beta_1' = beta_1 beta_2 / (beta_2 + lambda beta_1), from the same
+    pi_0 with the same seed (batch order); round 2: DPO at beta_2 from it. SPO branches from pi_1."""
+    out, records, _ = quick_study
     for seed in (0, 1):
-        pi1 = out / f"seed{seed}" / "round1_helpful.safetensors"
+        base, pi1 = out / f"seed{seed}" / "base.safetensors", out / f"seed{seed}" / "round1_helpful.safetensors"
+        m1 = read_metadata(out / f"seed{seed}_matched_1_r1" / "round1_helpful.safetensors")
+        m2 = read_metadata(out / f"seed{seed}_matched_1" / "round2_harmless.safetensors")
+        spo = read_metadata(out / f"seed{seed}_spo_1" / "round2_harmless.safetensors")
         beta1 = read_metadata(pi1)["beta"]
-        spo = read_metadata(out / f"seed{seed}_spo_2" / "round2_harmless.safetensors")
-        dpo = read_metadata(out / f"seed{seed}_dpo_3" / "round2_harmless.safetensors")
-        for meta in (spo, dpo):
-            assert meta["parent"] == str(pi1) and meta["parent_sha256"] == chain.file_sha256(pi1)
-        # lambda_1^(2) = alpha / beta_1 from the beta that round 1 RECORDED; DPO records a zero.
-        assert spo["lambdas"] == [pytest.approx(2.0 / beta1)] and spo["loss"] == "spo"
-        assert dpo["lambdas"] == [0.0] and dpo["beta"] == 3.0 and dpo["loss"] == "dpo"
-        # The chain of a branch is rebuilt from the files and verified link by link.
-        links = chain.rebuild_chain(str(out / f"seed{seed}_spo_2" / "round2_harmless.safetensors"))
-        assert [m["round"] for m in links] == [0, 1, 2] and links[1]["path"] == str(pi1)
+        assert m1["beta"] == pytest.approx(beta1 * spo["beta"] / (spo["beta"] + (1.0 / beta1) * beta1))
+        assert m1["parent_sha256"] == chain.file_sha256(base) and m1["seed"] == seed == read_metadata(pi1)["seed"]
+        assert m1["data_fingerprint"] == read_metadata(pi1)["data_fingerprint"]
+        assert m2["loss"] == "dpo" and m2["lambdas"] == [0.0] and m2["beta"] == spo["beta"]
+        assert spo["lambdas"] == [pytest.approx(1.0 / beta1)] and spo["parent_sha256"] == chain.file_sha256(pi1)
+        by_method = {r["method"]: r for r in records if r["seed"] == seed}
+        # SPO and its matched chain share pi_0, the objective J and its optimum (E10): the same J*
+        # and the same ideal prediction, though their round 1s differ.
+        s, m, d = by_method["spo"], by_method["matched"], by_method["dpo"]
+        assert s["J*"] == pytest.approx(m["J*"], abs=1e-9) and s["weights"] == m["weights"]
+        assert s["opt_ideal"] == pytest.approx(m["opt_ideal"], abs=1e-9)
+        assert m["pi1"]["exact/helpful_benign"] != s["pi1"]["exact/helpful_benign"]
+        assert d["weights"] == {"helpful": 1 / beta1, "harmless": 1 / spo["beta"]}
+        assert s["gap"] == pytest.approx(s["J*"] - s["J"]) and s["gap"] >= 0 and m["gap"] >= 0
 
 
-def test_branch_refuses_a_changed_parent(quick_study, tmp_path):
-    import shutil
+def test_primary_statistic_is_the_paired_j_difference(quick_study):
+    _, records, comparisons = quick_study
+    primary = next(c for c in comparisons if c["primary"])
+    by = {(r["seed"], r["method"]): r for r in records}
+    assert primary["diffs"] == [pytest.approx(by[(s, "spo")]["J"] - by[(s, "matched")]["J"]) for s in (0, 1)]
+    progress = [by[(s, "matched")]["J"] - by[(s, "matched")]["J_pi0"] for s in (0, 1)]
+    assert primary["band"] == pytest.approx(0.1 * abs(sum(progress) / 2))
+    # Secondary: absolute scores of pi_2, SPO minus matched, same seeds.
+    help_ = next(c for c in comparisons if c.get("key") == "exact/helpful_benign" and "matched" in c["baseline"])
+    assert help_["diffs"] == [pytest.approx(by[(s, "spo")]["pi2"]["exact/helpful_benign"]
+                                            - by[(s, "matched")]["pi2"]["exact/helpful_benign"]) for s in (0, 1)]
 
-    src = quick_study[0] / "seed0"
-    copy = tmp_path / "seed0"
-    shutil.copytree(src, copy)
-    # The copied round 1 still names the ORIGINAL base by path and hash: fine while it is intact.
-    assert len(chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))) == 2
-    meta = read_metadata(copy / "round1_helpful.safetensors")
-    victim = meta["parent"]
-    backup = tmp_path / "base.bak"
-    shutil.copy(victim, backup)
-    try:
-        with open(victim, "ab") as f:
-            f.write(b"\0")
-        with pytest.raises(chain.ChainError, match="has changed since"):
-            chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))
-    finally:
-        shutil.copy(backup, victim)
+
+def test_a_study_never_writes_into_a_used_folder(quick_study, tmp_path):
+    out = quick_study[0]
+    with pytest.raises(SystemExit, match="is not empty"):
+        compare.main(["--quick", "--out", str(out)])
+    (tmp_path / "x").write_text("")
+    with pytest.raises(SystemExit, match="is not empty"):
+        compare.main(["--quick", "--out", str(tmp_path)])
+
+
+def test_run_jobs_refuses_unknown_parents():
+    with pytest.raises(ValueError, match="after"):
+        study.run_jobs([study.job("a", [], "/tmp", after="b")], 1)
 
 
 # ----------------------------------------------------------------------------- n = 3
 
 @pytest.fixture(scope="module")
 def quick_round3(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare3")
+    out = tmp_path_factory.mktemp("compare3") / "study"
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
     try:
-        records, summary = compare.main(["--rounds", "3", "--quick", "--out", str(out), "--alphas", "1",
-                                         "--beta2s", "1"])
+        records, comparisons = compare.main(["--rounds", "3", "--quick", "--out", str(out), "--alphas", "1",
+                                             "--samples", "0"])
     finally:
         mp.undo()
-    return out, records, summary
+    return out, records, comparisons
 
 
 def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
-    out, records, summary = quick_round3
+    out, records, comparisons = quick_round3
     assert sorted((r["seed"], r["method"]) for r in records) == [
         (0, "dpo"), (0, "exact"), (0, "telescoped"), (1, "dpo"), (1, "exact"), (1, "telescoped")]
     assert (out / "round3.png").stat().st_size > 0 and len((out / "results.jsonl").read_text().splitlines()) == 6
@@ -100,10 +116,10 @@ def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
         pi2 = out / f"seed{seed}" / "round2_harmless.safetensors"
         meta2 = read_metadata(pi2)
         beta1 = read_metadata(out / f"seed{seed}" / "round1_helpful.safetensors")["beta"]
-        metas = {m: read_metadata(out / f"seed{seed}_r3_{m}_1" / "round3_concise.safetensors")
+        metas = {m: read_metadata(out / f"seed{seed}_r3_{m}{'' if m == 'dpo' else '_1'}" / "round3_concise.safetensors")
                  for m in ("exact", "telescoped", "dpo")}
         for meta in metas.values():
-            assert meta["parent"] == str(pi2) and meta["parent_sha256"] == chain.file_sha256(pi2)
+            assert meta["parent_sha256"] == chain.file_sha256(pi2)
         # --alpha 1: lambda_i^(3) = 1 / beta_i as recorded; the telescoped run says so in its metadata.
         assert metas["exact"]["lambdas"] == [pytest.approx(1 / beta1), pytest.approx(1 / meta2["beta"])]
         # The telescoped round records the lambdas its margin amounts to: R_1 counted twice.
@@ -111,7 +127,6 @@ def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
         assert metas["telescoped"]["lambdas"] == [pytest.approx(1 / beta1 + lam21 / meta2["beta"]),
                                                   pytest.approx(1 / meta2["beta"])]
         assert metas["exact"]["margin_mode"] == "exact" and metas["telescoped"]["margin_mode"] == "telescoped"
-        assert metas["telescoped"]["alpha"] == 1.0 and metas["dpo"]["margin_mode"] is None
         assert metas["dpo"]["lambdas"] == [0.0, 0.0] and metas["dpo"]["loss"] == "dpo"
     for r in records:
         # Changes are pi_3 minus the SAME seed's pi_2, on the exact evaluation.
@@ -119,5 +134,13 @@ def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
         assert r["measured"]["help kept"] == pytest.approx(r["pi3"]["exact/helpful_benign"] - r["pi2"]["exact/helpful_benign"])
         if r["method"] == "dpo":  # no margin: both predictions are the same E3 step from pi_2
             assert r["from_margin"] == pytest.approx(r["optimum"])
-    assert set(summary) == {1.0} and set(summary[1.0]) == {"measured", "from_margin", "optimum"}
-    assert len(summary[1.0]["measured"]["help kept"]["diffs"]) == 2
+    primary = [c for c in comparisons if c["primary"]]
+    assert len(primary) == 1 and primary[0]["n"] == 2
+    # The primary statistic by hand: the measured exact-minus-telescoped change projected on the unit
+    # vector of the margin-optimum gap, per seed.
+    by = {(r["seed"], r["method"]): r for r in records}
+    for seed, got in zip((0, 1), primary[0]["diffs"]):
+        e, t = by[(seed, "exact")], by[(seed, "telescoped")]
+        gap = [e["from_margin"][a] - t["from_margin"][a] for a in e["measured"]]
+        moved = [e["measured"][a] - t["measured"][a] for a in e["measured"]]
+        assert got == pytest.approx(sum(m * g for m, g in zip(moved, gap)) / sum(g * g for g in gap) ** 0.5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt2_oracle import randomized_gpt
-from spo_min import compare, evaluate
+from spo_min import evaluate
 from spo_min import world as W
 from spo_min.data import PreferencePair
 from spo_min.model import GPTConfig
@@ -228,22 +228,60 @@ def test_round3_margins_at_the_optimum_exact_is_e3_telescoped_is_not(world, toke
     np.testing.assert_allclose(dpo.numpy(), want, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------- the study's statistics
+# ----------------------------------------------------------------------------- E10's objective
 
-def test_frontier_statistics():
-    assert compare.interpolate([(0, 0), (1, -1), (2, -4)], 1.5) == pytest.approx(-2.5)
-    assert compare.interpolate([(0, 0), (1, -1)], 1.5) is None
-    mean, half = compare.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert compare.verdict_of(0.1, 0.05).startswith("above")
-    assert compare.verdict_of(-0.1, 0.05).startswith("below")
-    assert compare.verdict_of(0.005, 0.01).startswith("on the")
-    assert compare.verdict_of(0.05, 0.1).startswith("within noise")
-    # Two seeds; the DPO frontier of seed 0 passes through (0.5, -0.1), SPO sits at (0.5, 0.0).
-    rec = lambda seed, method, x, y, alpha=1.0: {"seed": seed, "method": method, "alpha": alpha,  # noqa: E731
-                                                 "measured": {"x": x, "y": y}, "predicted": {"x": x, "y": y}}
-    records = [rec(0, "dpo", 1.0, -0.2), rec(0, "spo", 0.5, 0.0),
-               rec(1, "dpo", 1.0, -0.4), rec(1, "spo", 0.5, -0.1), rec(1, "spo", 2.0, 0.0, alpha=2.0)]
-    diffs = compare.frontier_differences(records, "measured")
-    assert diffs[1.0] == [pytest.approx(0.1), pytest.approx(0.1)]
-    assert diffs[2.0] == [None]  # beyond the frontier's range: no paired difference
+def test_objective_is_kl_to_the_shared_optimum(world, tokenizer):
+    """J(pi) = E_pi[w.R] - KL(pi || pi_0) and J* = log sum pi_0 exp(w.R), written out with numpy:
+    J* - J(pi) = KL(pi || pi*) >= 0, zero exactly at E3's chained optimum, which SPO(beta_1, beta_2,
+    lambda) and the matched sequential DPO (beta_1') share (E10)."""
+    from spo_min import study
+
+    prompts = [p for p in world.prompts["heldout"] if p.kind == "benign"][:1] + \
+              [p for p in world.prompts["heldout"] if p.kind == "harmful"][:1]
+    exact = evaluate.ExactEvaluation(world, prompts, tokenizer, block_size=64, per_style=3)
+    rng = np.random.default_rng(0)
+    pi0 = [rng.normal(size=len(p.styles)) for p in prompts]
+    pi0 = [(v - np.logaddexp.reduce(v)).tolist() for v in pi0]
+    beta1, beta2, lam = 1.0, 0.8, 0.6
+    weights = study.objective_weights(beta1, beta2, lam)
+    assert weights == {"helpful": pytest.approx(1 / beta1 + lam / beta2), "harmless": pytest.approx(1 / beta2)}
+
+    def by_hand(logp, k):
+        stats = exact.stats[k]
+        r = np.array([sum(w * stats[s][f"label/{d}"] for d, w in weights.items()) / world.temperature
+                      for s in prompts[k].styles])
+        p = np.exp(logp)
+        j = float(p @ r - p @ (np.array(logp) - np.array(pi0[k])))
+        j_star = float(np.logaddexp.reduce(np.array(pi0[k]) + r))
+        opt = np.array(pi0[k]) + r - j_star
+        kl = float(p @ (np.array(logp) - opt))
+        return j, j_star, kl
+
+    some = [(v - np.logaddexp.reduce(v)).tolist() for v in (rng.normal(size=len(p.styles)) for p in prompts)]
+    got = exact.objective(some, pi0, weights)
+    want = [by_hand(some[k], k) for k in range(len(prompts))]
+    assert got["J"] == pytest.approx(np.mean([w[0] for w in want]), abs=1e-12)
+    assert got["J*"] == pytest.approx(np.mean([w[1] for w in want]), abs=1e-12)
+    assert got["gap"] == pytest.approx(np.mean([w[2] for w in want]), abs=1e-12) and got["gap"] > 0.01
+    # At the chained optimum of SPO, and of its matched sequential DPO, the gap is 0.
+    b1m = study.matched_beta1(beta1, beta2, lam)
+    assert 1 / b1m == pytest.approx(1 / beta1 + lam / beta2)
+    for betas, lambdas in (([beta1, beta2], [[], [lam]]), ([b1m, beta2], [[], [0.0]])):
+        optimum = [world.predict_optimum(p, exact.stats[k], pi0[k], ["helpful", "harmless"], betas, lambdas)[-1]
+                   for k, p in enumerate(prompts)]
+        assert exact.objective(optimum, pi0, weights)["gap"] == pytest.approx(0.0, abs=1e-12)
+    # pi_0 pays no KL: J(pi_0) = E_pi0[w.R], below J* unless the rewards are flat.
+    at_start = exact.objective(pi0, pi0, weights)
+    assert at_start["J"] < at_start["J*"]
+
+
+def test_step_log_keeps_e7_weights_per_pair_type():
+    log = evaluate.StepLog(["agree", "conflict", "tie", "conflict"])
+    log.add(0.7, torch.tensor([0.6, 0.2, 0.5]), [0, 1, 2])
+    log.add(0.6, torch.tensor([0.4, 0.3]), [3, 1])
+    summary = log.summary()
+    assert log.record()["pair_weight/conflict"] == [pytest.approx(0.2), pytest.approx(0.35)]
+    assert log.record()["pair_weight/agree"] == [pytest.approx(0.6), None]  # no agree pair in step 2
+    assert summary["pair_weight/conflict/start"] == pytest.approx(0.2)
+    assert summary["pair_weight/agree/mean"] == pytest.approx(0.6)  # steps without the type are skipped
+    assert summary["pair_weight/mean"] == pytest.approx((np.mean([0.6, 0.2, 0.5]) + 0.35) / 2)

@@ -6,6 +6,7 @@ is the only way to test kill -9 and torchrun.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +40,10 @@ def run_train(*args, check=True, env_extra=None, launcher=None):
 @pytest.fixture(scope="module")
 def two_round_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN)
+    # --trace-every evaluates inside each round; the resume test below compares this run's weights
+    # with an untraced one, bit for bit: tracing never changes training.
+    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, "--trace-every", "3",
+                     "--eval-pairs", "40")
     return out, proc
 
 
@@ -62,6 +66,33 @@ def test_two_round_smoke(two_round_run):
     assert meta2["parent_sha256"] == chain.file_sha256(out / "round1_helpful.safetensors")
     meta1 = read_metadata(out / "round1_helpful.safetensors")
     assert meta1["lambdas"] == [] and meta1["parent_sha256"] == chain.file_sha256(out / "base.safetensors")
+
+
+def test_round_trace_and_step_log(two_round_run):
+    """The in-round record: E7 weights per step (1/2 for DPO at step 0), and trace points whose
+    held-out loss at step 0 is E5's -log sigmoid(-M) with M recomputed here from the checkpoints."""
+    out, _ = two_round_run
+    steps = {r["round"]: r for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
+    evals = {r["round"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(steps) == [1, 2] and len(steps[1]["loss"]) == 6 == len(steps[2]["pair_weight"])
+    assert [p["step"] for p in steps[2]["trace"]] == [0, 3, 6]
+    r1 = steps[1]["trace"][0]
+    assert steps[1]["pair_weight"][0] == 0.5  # round 1 is DPO: sigmoid(0 - 0) at the first step
+    assert abs(r1["heldout_loss"] - math.log(2)) < 1e-6 and r1["heldout_weight"] == 0.5 and r1["dlogp_yw"] == 0.0
+    # Round 2 at step 0: pi_theta = pi_1, so h = 0 and the loss is the mean of -log sigmoid(-M_2),
+    # M_2 = alpha Delta log(pi_1 / pi_0) (E5), on the held-out harmless pairs that train.py evaluates.
+    tokenizer = get_tokenizer()
+    world = build_world(seed=0)
+    heldout, _ = data.tokenize_pairs(world.pairs["harmless"]["heldout"][:40], tokenizer, 64)
+    (c0, r0), (c1, r1_) = (frozen_sequence_logps(load_model(out / f)[0], heldout)
+                           for f in ("base.safetensors", "round1_helpful.safetensors"))
+    margin = 0.5 * ((c1 - r1_) - (c0 - r0))
+    want = float(torch.nn.functional.softplus(margin).mean())  # -log sigmoid(-M) = softplus(M)
+    assert steps[2]["trace"][0]["heldout_loss"] == pytest.approx(want, abs=1e-5)
+    # The last point is the finished round: its displacement is the evaluation row's, by other code.
+    assert steps[2]["trace"][-1]["dlogp_yw"] == pytest.approx(evals[2]["chosen_logp_change/harmless"], abs=1e-6)
+    assert 0 <= steps[2]["trace"][-1]["eot_rate"] <= 1 and len(steps[2]["trace"][-1]["style_logp"]) == 4
+    assert {"pair_weight/conflict/start", "acc_round_own/conflict"} <= set(evals[2])
 
 
 def test_reference_cache_matches_live_reference(two_round_run):

@@ -115,37 +115,39 @@ def accumulation_dtype(matmul: torch.dtype) -> torch.dtype:
 # and Triton versions compute the same numbers in different passes:
 #   Triton  the forward kernel reads the logits once (policy and reference in one pass) and keeps
 #           lse; the backward kernel reads them again and writes the gradient over them.
-#   torch   the forward turns the logits into their softmax in place (one exp pass, no second
-#           (K, V) buffer: on a CPU every fresh buffer is page faults); the gradient is then one
-#           multiply and a scatter over that softmax.
+#   torch   the forward exponentiates the logits in place (one exp pass, no second (K, V)
+#           buffer: on a CPU every fresh buffer is page faults) and, when a gradient follows,
+#           normalises them to the softmax; the gradient is then one multiply and a scatter.
 
 
-def _chunk_logprobs_torch_(logits, labels, acc):
-    """(K, V) logits -> (K,) log-probs and lse in `acc`; the logits become their softmax (in place)."""
+def _chunk_logprobs_torch_(logits, labels, acc, softmax):
+    """(K, V) logits -> (K,) log-probs and lse in `acc`. Overwrites the logits: with their softmax
+    if `softmax` (what the gradient needs), else with unnormalised exponentials."""
     x = logits.to(acc)  # the same memory for fp32/fp64 logits; bf16 ones get an fp32 copy
     ignored = labels == IGNORE_INDEX
     picked = x.gather(1, labels.masked_fill(ignored, 0).unsqueeze(1)).squeeze(1)
     shift = x.amax(dim=1, keepdim=True)  # the row max: exp never overflows
     total = x.sub_(shift).exp_().sum(dim=1, keepdim=True)  # x = exp(x - max)
-    x.div_(total)  # x = softmax
-    if x is not logits:
-        logits.copy_(x)  # bf16: the softmax rounded once, as the Triton backward rounds its output
+    if softmax:
+        x.div_(total)
+        if x is not logits:
+            logits.copy_(x)  # bf16: the softmax rounded once, as the Triton backward rounds its output
     lse = (shift + total.log()).squeeze(1)
     # where, not a multiply by a mask: ignored rows give exactly 0 whatever their logits hold.
     return torch.where(ignored, torch.zeros_like(picked), picked - lse), lse
 
 
-def chunk_token_logprobs(logits, labels, ref_logits=None, use_triton=False):
+def chunk_token_logprobs(logits, labels, ref_logits=None, use_triton=False, for_gradient=False):
     """One chunk: (K, V) logits (and the reference's), (K,) labels -> (policy (K,), ref (K,) or None, lse (K,)).
 
-    In the accumulation dtype; lse is the policy rows' logsumexp. Consumes the logits buffers:
-    afterwards the policy's hold what chunk_logits_grad_ needs (Triton: the logits; torch: their
-    softmax) and the reference's nothing of use.
+    In the accumulation dtype; lse is the policy rows' logsumexp. Consumes the logits buffers;
+    with for_gradient the policy's then hold what chunk_logits_grad_ needs (Triton: the logits;
+    torch: their softmax).
     """
     acc = accumulation_dtype(logits.dtype)
     if not use_triton:
-        pol, lse = _chunk_logprobs_torch_(logits, labels, acc)
-        ref = _chunk_logprobs_torch_(ref_logits, labels, acc)[0] if ref_logits is not None else None
+        pol, lse = _chunk_logprobs_torch_(logits, labels, acc, softmax=for_gradient)
+        ref = _chunk_logprobs_torch_(ref_logits, labels, acc, False)[0] if ref_logits is not None else None
         return pol, ref, lse
     K = labels.numel()
     pol = torch.empty(K, dtype=acc, device=logits.device)
@@ -157,7 +159,8 @@ def chunk_token_logprobs(logits, labels, ref_logits=None, use_triton=False):
 
 
 def chunk_logits_grad_(logits, labels, lse, g, use_triton=False):
-    """After chunk_token_logprobs: write g * (onehot(labels) - softmax) over the chunk's buffer; return it.
+    """After chunk_token_logprobs(for_gradient=True): write g * (onehot(labels) - softmax) over the
+    chunk's buffer; return it.
 
     g: (K,) upstream gradient of each row's log-prob, in lse's dtype; rows labelled -100 get 0.
     The gradient is in the logits' dtype and in their memory (no second (K, V) buffer).

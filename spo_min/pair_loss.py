@@ -126,7 +126,8 @@ class _FusedPairLoss(torch.autograd.Function):
                 ref_logits = None
                 if ref_h is not None:
                     ref_logits = torch.mm(torch.cat([ref_h[c_span], ref_h[r_span]]), ref_w.t(), out=ref_buffer[:n_c])
-                token_logps, ref_tokens, lse = chunk_token_logprobs(logits, token_labels, ref_logits, use_triton)
+                token_logps, ref_tokens, lse = chunk_token_logprobs(logits, token_labels, ref_logits, use_triton,
+                                                                    for_gradient=True)
 
                 # The chunk's loss through the loss callable, and its gradient to each token's
                 # log-prob (autograd on (n_c,) numbers: E9, then E5/E6).

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from kernels.logprobs import HAS_TRITON, _kernels_interpreted, token_logprobs
+from kernels.logprobs import HAS_TRITON, _kernels_interpreted, _triton_installed, token_logprobs
 
 V_GPT2 = 50257
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -282,7 +282,7 @@ def main(argv=None):
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else cpu_name()
     print(f"device: {device_name} | torch {torch.__version__} | triton "
-          f"{__import__('triton').__version__ if HAS_TRITON else 'not installed'} | V={args.vocab}")
+          f"{__import__('triton').__version__ if _triton_installed() else 'not installed'} | V={args.vocab}")
 
     rows, copies, checks = [], [], []
     for dtype_name in args.dtypes:
@@ -316,7 +316,7 @@ def main(argv=None):
         "device": device_name,
         "device_type": device.type,
         "torch": torch.__version__,
-        "triton": __import__("triton").__version__ if HAS_TRITON else None,
+        "triton": __import__("triton").__version__ if _triton_installed() else None,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "argv": sys.argv[1:] if argv is None else list(argv),

@@ -56,7 +56,8 @@ def parse_args(argv):
     p.add_argument("--width", type=int, default=C_GPT2, help="hidden size C (default: %(default)s)")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk, forward (default: the module's)")
-    p.add_argument("--chunk-pairs", type=int, default=None, help="pairs per chunk, loss (default: spo_min/pair_loss.py's)")
+    p.add_argument("--chunk-pairs", type=int, default=None,
+                   help="pairs per chunk, loss (default: spo_min/pair_loss.py's)")
     return p.parse_args(argv)
 
 

@@ -192,37 +192,6 @@ def main(argv=None):
           f"{model.num_params() / 1e6:.1f}M params ({model.config.n_layer} layers, n_embd {model.config.n_embd}) | "
           f"bf16 autocast, cached reference, {pairs} pairs/step, {steps} timed steps after {warmup}")
 
-    rows = []
-    header = (f"{'T':>5} {'compile':>7} {'logits':>8} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} "
-              f"{'peak GiB':>9}")
-    print(header)
-    print("-" * len(header))
-    for compile_ in args.compile:
-        step.set_compile(compile_ == "on")
-        for T in seq_lens:
-            for path in args.paths:
-                row = {"T": T, "compile": compile_, "logits": path, "pairs": pairs,
-                       **time_row(step, path, pairs, T, steps, warmup)}
-                rows.append(row)
-                step.free()
-                peak = "n/a" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.2f}"
-                print(f"{T:>5} {compile_:>7} {path:>8} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>10} "
-                      f"{row['mfu']:>6.1%} {peak:>9}", flush=True)
-
-    largest = {}
-    if max_pairs:
-        step.set_compile(False)
-        for path in args.paths:
-            largest[path] = largest_batch(step, path, seq_lens[0], pairs, max_pairs)
-            print(f"largest batch, T={seq_lens[0]}, compile off, {path}: {largest[path]}", flush=True)
-        if {"full", "chunked"} <= set(largest):
-            ratio = largest["chunked"]["pairs"] / max(largest["full"]["pairs"], 1)
-            largest["chunked_over_full"] = ratio
-            print(f"  chunked / full: {ratio:.2f}x (target >= 4x)")
-
-    best = max(rows, key=lambda r: r["mfu"])
-    print(f"best: T={best['T']} compile {best['compile']} {best['logits']}: {best['tokens_per_s']} tokens/s, "
-          f"MFU {best['mfu']:.1%} (target >= 40%; llm.c GPT-2 124M: ~468K tokens/s, ~40% on an H100)")
     result = {
         "benchmark": "spo_min/bench_gpt2.py",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -241,12 +210,55 @@ def main(argv=None):
                  "sequences of T tokens with a T/16 prompt, no padding",
         "steps_timed": steps,
         "warmup": warmup,
-        "rows": rows,
-        "mfu": best["mfu"],  # the best row's
-        "largest_batch": largest,
+        "rows": [],
+        "largest_batch": {},
+        "mfu": None,  # the best row's
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+
+    def save():  # after every row: a run stopped by a time limit keeps what it measured
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    header = (f"{'T':>5} {'compile':>7} {'logits':>8} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} "
+              f"{'peak GiB':>9}")
+    print(header)
+    print("-" * len(header))
+
+    def measure(compile_):
+        step.set_compile(compile_ == "on")
+        for T in seq_lens:
+            for path in args.paths:
+                row = {"T": T, "compile": compile_, "logits": path, "pairs": pairs,
+                       **time_row(step, path, pairs, T, steps, warmup)}
+                step.free()
+                result["rows"].append(row)
+                result["mfu"] = max(r["mfu"] for r in result["rows"])
+                save()
+                peak = "n/a" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.2f}"
+                print(f"{T:>5} {compile_:>7} {path:>8} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>10} "
+                      f"{row['mfu']:>6.1%} {peak:>9}", flush=True)
+
+    # Eager rows and the batch search first: compiling (minutes at GPT-2 size) comes last.
+    if "off" in args.compile:
+        measure("off")
+    if max_pairs:
+        step.set_compile(False)
+        largest = result["largest_batch"]
+        for path in args.paths:
+            largest[path] = largest_batch(step, path, seq_lens[0], pairs, max_pairs)
+            save()
+            print(f"largest batch, T={seq_lens[0]}, compile off, {path}: {largest[path]}", flush=True)
+        if {"full", "chunked"} <= set(largest):
+            largest["chunked_over_full"] = largest["chunked"]["pairs"] / max(largest["full"]["pairs"], 1)
+            save()
+            print(f"  chunked / full: {largest['chunked_over_full']:.2f}x (target >= 4x)")
+    if "on" in args.compile:
+        measure("on")
+
+    best = max(result["rows"], key=lambda r: r["mfu"])
+    print(f"best: T={best['T']} compile {best['compile']} {best['logits']}: {best['tokens_per_s']} tokens/s, "
+          f"MFU {best['mfu']:.1%} (target >= 40%; llm.c GPT-2 124M: ~468K tokens/s, ~40% on an H100)")
+    save()
     print(f"wrote {args.out}")
     return result
 

@@ -69,13 +69,17 @@ from kernels.logprobs import IGNORE_INDEX, _use_triton
 from spo_min.losses import LossInputError, scored_sequence_logps
 
 # Scored tokens per chunk (whole pairs: a chunk holds as many pairs as fit, at least one).
-# CPU: 64 rows of V = 50257 fp32 logits are 13 MB, within the 2-core machine's 32 MB L3 cache, the
-# size measured best for the CPU chunk loop of issue 13 (kernels/linear_logprobs.py); on the
-# bench_train setup that is one pair per chunk (spo_min/bench_train.py times k = 1, 2 and the
-# whole batch side by side). GPU: 4096 bf16 rows are 412 MB, a (4096, 768) x (768, 50257) matmul
-# of 316 GFLOP, far above what the tensor cores need to run at full speed; 2 pairs of 2 x 1024
-# tokens at GPT-2's context (spo_min/bench_gpt2.py measures the step).
-CHUNK_TOKENS_CPU = 64
+# CPU: every chunk reads the whole (V, C) weight twice (its logits, d h) and reads and writes the
+# fp32 weight gradient, 26 MB each on the bench_train setup (C = 128), so one pair per chunk pays
+# that traffic per pair; a bigger chunk holds more memory (192 fp32 rows of V = 50257: 37 MB).
+# Measured there, one thread, CPU time of forward+backward, with other jobs loading the 2 cores
+# (so roughly): full logits 409 ms; 1 pair per chunk 480, 2 pairs 456, all 8 pairs 403 (glibc
+# keeping freed memory; without it full 592, fused 499 / 461 / 449), and the whole batch in one
+# chunk raised peak RSS by ~100 MB. 192 tokens: 2 pairs of that setup (spo_min/bench_train.py
+# times k = 1, 2 and the whole batch side by side). GPU: 4096 bf16 rows are 412 MB, a
+# (4096, 768) x (768, 50257) matmul of 316 GFLOP, far above what the tensor cores need to run at
+# full speed; 2 pairs of 2 x 1024 tokens at GPT-2's context (spo_min/bench_gpt2.py measures the step).
+CHUNK_TOKENS_CPU = 192
 CHUNK_TOKENS_GPU = 4096
 
 

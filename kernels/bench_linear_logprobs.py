@@ -29,15 +29,13 @@ import argparse
 import datetime
 import functools
 import gc
-import json
-import pathlib
 import platform
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from kernels.bench_logprobs import DTYPES, cpu_name, fmt, peak_extra_bytes, time_cpu, time_gpu
+from kernels.bench_logprobs import DTYPES, cpu_name, fmt, peak_extra_bytes, time_cpu, time_gpu, write_json
 from kernels.linear_logprobs import default_chunk_size, linear_token_logprobs
 from kernels.logprobs import token_logprobs
 from spo_min import losses
@@ -201,10 +199,7 @@ def main(argv=None):
         "checks": checks,
         "gpu_targets": goals,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

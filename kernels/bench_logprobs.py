@@ -247,6 +247,14 @@ def gpu_targets(rows):
     }
 
 
+def write_json(path, result):
+    """A benchmark's results as JSON at `path` (its folder created)."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def cpu_name():
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -329,10 +337,7 @@ def main(argv=None):
         "fused_vs_eager_check": checks,
         "gpu_targets": targets,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

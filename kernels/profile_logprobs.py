@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import pathlib
 
 import torch
 
-from kernels.bench_logprobs import DTYPES, cpu_name, time_cpu, time_gpu
+from kernels.bench_logprobs import DTYPES, cpu_name, time_cpu, time_gpu, write_json
 from kernels.logprobs import HAS_TRITON, launch_forward, token_logprobs, triton_available
 
 KERNEL_NAME = "_logprobs_fwd_kernel"
@@ -143,10 +141,7 @@ def main(argv=None):
         "rows": rows,
         "copy_baseline": copies,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

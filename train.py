@@ -28,7 +28,7 @@ from kernels.logprobs import token_logprobs, triton_available
 from spo_min import chain, data, evaluate, losses, runs
 from spo_min.checkpoint import CheckpointError, load_model, read_config, read_metadata, save_model
 from spo_min.ddp import Distributed
-from spo_min.logps import batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
+from spo_min.logps import batch_pair_loss, batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
 from spo_min.model import GPT, GPTConfig
 from spo_min.optim import AdamW  # torch.optim.AdamW, spelled out; it spares torch._dynamo (~145 MB)
 from spo_min.schedule import cosine_lr, step_schedule
@@ -81,8 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--ref", choices=["cache", "live"], default="cache",
                    help="reference log-probs cached once per round, or computed each step (fused kernel)")
     p.add_argument("--logits", choices=["chunked", "full"], default="chunked",
-                   help="chunked: lm_head + log-probs fused, never the (tokens x vocab) logits "
-                        "(kernels/linear_logprobs.py); full: model.head then log-probs (the plain path)")
+                   help="chunked: lm_head, log-probs and loss fused per chunk of pairs, never the (tokens x "
+                        "vocab) logits (spo_min/pair_loss.py); full: model.head, log-probs, autograd (the plain path)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the policy's transformer blocks in each round. auto: on with CUDA, off on CPU, "
+                        "where compiling takes over a minute per process for little gain (spo_min/bench_train.py)")
     p.add_argument("--average-logps", action="store_true", help="mean instead of sum over tokens (E9)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts evaluated (default: all)")
     p.add_argument("--eval-samples", type=int, default=8, help="responses sampled per held-out prompt (0: none)")
@@ -250,8 +253,9 @@ def frozen_round_inputs(round_chain, pairs, args, device):
     return ref_chosen, ref_rejected, margin
 
 
-def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta):
-    """Start-up checks on a real batch: autograd vs E7's closed form, kernel vs torch log-probs."""
+def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta, average=False):
+    """Start-up checks on a real batch: autograd vs E7's closed form, the fused training path vs
+    plain autograd, kernel vs torch log-probs."""
     with torch.no_grad():
         seq, _ = batch_sequence_logps(policy, batch)
     n = len(ref_chosen)
@@ -264,6 +268,28 @@ def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta):
     if not (torch.allclose(g_c, expected, atol=1e-10) and torch.allclose(g_r, -expected, atol=1e-10)):
         raise TrainError("gradient check failed: autograd disagrees with E7 on this batch")
     msg = "autograd == E7"
+    # The fused path (spo_min/pair_loss.py) against plain autograd through the full logits: every
+    # parameter's gradient, on this batch's first pairs (a whole GPT-2 batch's full logits may not
+    # fit), one pair per chunk, without dropout (both paths must see the same network).
+    k = min(n, 4)
+    rows = list(range(k)) + list(range(n, n + k))
+    pairs = {key: value[rows] for key, value in batch.items()}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    was_training = policy.training
+    policy.eval()
+    grads = []
+    for logits in ("chunked", "full"):
+        loss, _, _ = batch_pair_loss(policy, pairs, functools.partial(losses.spo_loss, beta=beta),
+                                     torch.cat([ref_chosen[:k], ref_rejected[:k]]), margin=margin[:k],
+                                     average=average, logits=logits, chunk_pairs=1)
+        grads.append(torch.autograd.grad(loss, params))
+    policy.train(was_training)
+    scale = max(g.abs().max().item() for g in grads[1])
+    worst = max((a - b).abs().max().item() for a, b in zip(*grads))
+    if not worst <= 1e-4 * scale:  # fp32 sums in another order: measured 2e-7 to 1.2e-6 of the largest entry
+        raise TrainError(f"gradient check failed: the fused loss's gradients differ from plain autograd's by "
+                         f"{worst:.2e} (largest entry {scale:.2e}) on this batch")
+    msg += ", fused loss == autograd"
     if triton_available(batch["input_ids"].device):
         scored = batch["labels"] != -100
         with torch.no_grad():
@@ -287,6 +313,7 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device, step_log=N
     path = chain.round_path(args.out, n, stage)
     state_path = path.replace(".safetensors", ".state.safetensors")
     beta = args.beta
+    loss_fn = functools.partial(losses.spo_loss, beta=beta)  # E5/E6, applied per chunk of pairs
     lambdas_n = chain.round_lambdas(args, round_chain)
     schedule = step_schedule(len(train_tok), args.batch_size, args.steps, seed=args.seed * 1000 + n)
     # Score only the pairs this round will see; NaN elsewhere would surface any indexing bug.
@@ -297,6 +324,8 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device, step_log=N
                                         for t in frozen)
     policy, _ = chain.load_verified(round_chain[-1], device=device)  # pi_theta starts as pi_{n-1}
     policy.train()
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        policy.compile_trunk()
     ref_model = None
     if args.ref == "live":  # pi_{n-1} kept in memory, scored each step in the same kernel pass
         ref_model, _ = chain.load_verified(round_chain[-1], device=device)
@@ -323,26 +352,27 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device, step_log=N
         idx = dist.shard(schedule[step])
         batch = {k: v.to(device) for k, v in data.collate_pairs([train_tok[i] for i in idx]).items()}
         b = len(idx)
+        cached_ref = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device) if ref_model is None else None
+        m = margin[idx].to(device)
         try:
-            with autocast:
-                policy_seq, live_ref = batch_sequence_logps(policy, batch, ref_model, average=args.average_logps,
-                                                            logits=args.logits)
-            finite = torch.isfinite(policy_seq).all()
-        except losses.LossInputError:  # E9 refuses NaN/inf token log-probs
+            with autocast:  # the loss and, on the default path, already its gradients (spo_min/pair_loss.py)
+                loss, policy_seq, ref_seq = batch_pair_loss(policy, batch, loss_fn, cached_ref, ref_model, m,
+                                                            average=args.average_logps, logits=args.logits)
+            finite = torch.isfinite(loss)
+        except losses.LossInputError:  # E9 and the loss refuse NaN/inf log-probs
             finite = torch.tensor(False)
         # Every process must agree to stop, or the others would wait forever in all_reduce.
         if dist.mean(finite) < 1:
             raise TrainError(f"round {n} step {step}: loss is not finite; stopped. The last good "
                              f"state is {state_path if os.path.exists(state_path) else round_chain[-1]['path']} "
                              "(lower --lr or --beta, or use --dtype float32, then --resume)")
-        rc, rr = (live_ref[:b], live_ref[b:]) if live_ref is not None else (ref_chosen[idx], ref_rejected[idx])
-        rc, rr, m = rc.to(device), rr.to(device), margin[idx].to(device)
+        rc, rr = ref_seq[:b], ref_seq[b:]
         if step == start and not args.no_grad_check:
-            dist.print(f"[round {n}] gradient checks: {gradient_checks(policy, batch, rc, rr, m, beta)}")
-        loss, metrics = losses.spo_loss(policy_seq[:b], policy_seq[b:], rc, rr, m, beta)
+            checks = gradient_checks(policy, batch, rc, rr, m, beta, args.average_logps)
+            dist.print(f"[round {n}] gradient checks: {checks}")
+        _, metrics = losses.spo_loss(policy_seq[:b], policy_seq[b:], rc, rr, m, beta)  # for the progress bar
         if step_log is not None:  # E7: each pair's weight sigmoid(M_n - h_theta), before this step's update
-            weights = losses.pair_weights(policy_seq[:b].detach(), policy_seq[b:].detach(), rc, rr, m, beta)
-            step_log.add(loss.detach(), weights, idx)
+            step_log.add(loss.detach(), losses.pair_weights(policy_seq[:b], policy_seq[b:], rc, rr, m, beta), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(policy)

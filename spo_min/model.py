@@ -205,6 +205,18 @@ class GPT(nn.Module):
         """(B, T) token ids -> (B, T, vocab_size) logits; logits[:, t] predict token t + 1."""
         return self.head(self.hidden_states(idx))
 
+    def compile_trunk(self) -> "GPT":
+        """torch.compile hidden_states (token ids -> final hidden states) in place; returns self.
+
+        Only the transformer blocks are compiled: the lm_head and the loss (spo_min/pair_loss.py)
+        loop over chunks of pairs in Python with host syncs, which a graph would break on anyway.
+        The module stays itself, so its state dict keeps its keys (torch.compile(model) would wrap
+        it and prefix every key with "_orig_mod."). train.py --compile; measured in
+        spo_min/bench_train.py (CPU) and spo_min/bench_gpt2.py (GPU).
+        """
+        self.hidden_states = torch.compile(self.hidden_states)
+        return self
+
     @torch.no_grad()
     def generate(
         self,

@@ -7,6 +7,7 @@ which recorded setting is checked without training at all. Three subprocess test
 user actually sees: exit code 2, a single line on stderr, and no lock left behind.
 """
 
+import functools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import train
 from spo_min import chain, data, losses, runs
 from spo_min.checkpoint import load_model, read_metadata, save_model
 from spo_min.ddp import Distributed
-from spo_min.logps import batch_sequence_logps
+from spo_min.logps import batch_pair_loss
 from spo_min.model import GPT, GPTConfig
 from spo_min.tokenizer import get_tokenizer
 from spo_min.world import build_world
@@ -463,11 +464,10 @@ def test_step0_loss_is_ln2_under_each_dtype(base, dtype, ref):
     ref_c, ref_r, margin = train.frozen_round_inputs([entry], pairs, args, torch.device("cpu"))
     policy, _ = load_model(base)
     ref_model = load_model(base)[0] if ref == "live" else None
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        seq, live = batch_sequence_logps(policy, data.collate_pairs(pairs), ref_model)
-    if ref == "live":
-        ref_c, ref_r = live[:8], live[8:]
-    loss, _ = losses.spo_loss(seq[:8], seq[8:], ref_c, ref_r, margin, 0.1)
+    cached = torch.cat([ref_c, ref_r]) if ref == "cache" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):  # train.py's training step
+        loss, _, _ = batch_pair_loss(policy, data.collate_pairs(pairs), functools.partial(losses.spo_loss, beta=0.1),
+                                     cached, ref_model, margin)
     # Same weights, same precision: equal up to fp32 summation order (an fp32 cache against a
     # bf16 policy was 2e-5 off on this batch).
     assert abs(loss.item() - math.log(2)) < 1e-6

@@ -17,9 +17,9 @@ import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata
+from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata, write_safetensors
 from spo_min import data
 from spo_min.optim import AdamW
 from spo_min.runs import check_finite, compare_settings, round_settings
@@ -214,7 +214,7 @@ def save_train_state(path, model, optimizer, step, meta):
                 tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone().reshape(-1)
     header = {"spo_min.train_state": json.dumps({"step": step, **meta})}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), nbytes)
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, header), nbytes)
 
 
 ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")

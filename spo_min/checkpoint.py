@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from spo_min.model import GPT, GPTConfig, ModelError
 
@@ -45,6 +44,8 @@ _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)
 # HF GPT-2 files may carry the causal mask as buffers: constants, not weights (often uint8/bool).
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_TAG = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
 
@@ -87,6 +88,32 @@ def atomic_write(path, write_fn, nbytes: int | None = None) -> None:
         os.close(folder)
 
 
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file (the format at the top of this module) in a fixed byte order.
+
+    safetensors.torch.save_file keeps "__metadata__" in a hash map whose order changes from
+    process to process, so the same weights gave files with different sha256 (and it created
+    them with mode 0600). Here the same tensors and metadata always give the same bytes:
+    metadata keys in the caller's order, tensors by decreasing item size then name (as
+    safetensors does: every tensor stays aligned), the header padded with spaces to 8 bytes.
+    The file is created with open(), so it honours the umask like any other file.
+    """
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_TAG[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:  # little-endian raw bytes, as the tensor holds them (x86, ARM)
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "spo") -> None:
     """Write model's weights, config and metadata (JSON-serialisable dict) to path, atomically.
 
@@ -124,7 +151,7 @@ def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "sp
         _KEY_METADATA: metadata_json,
     }
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), nbytes)
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, header), nbytes)
 
 
 # ----------------------------------------------------------------------------------- reading

@@ -425,16 +425,16 @@ def test_a_failed_final_save_keeps_the_last_state_for_resume(base, tmp_path, mon
     import spo_min.checkpoint as checkpoint
 
     out = tmp_path / "enospc"
-    real = checkpoint.save_file
+    real = checkpoint.write_safetensors
 
-    def disk_full_for_rounds(tensors, filename, metadata=None):
+    def disk_full_for_rounds(filename, tensors, metadata):
         if "round1_helpful.safetensors" in os.path.basename(filename) and ".state." not in filename:
             with open(filename, "wb") as f:
                 f.write(b"partial")
             raise OSError(28, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
+        return real(filename, tensors, metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full_for_rounds)
+    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full_for_rounds)
     with pytest.raises(runs.RunError) as err:
         train.main(argv(base, out))
     message = str(err.value)

@@ -173,8 +173,7 @@ def load_stage_data(args, sources, tokenizer, block_size):
 
 def bootstrap_base(args, tokenizer, dist, device):
     """pi_0: --init if given, else a short SFT on the built-in world (reused when already saved)."""
-    if args.init:
-        runs.check_finite(load_model(args.init)[0], f"--init {args.init}", "give a checkpoint with finite weights")
+    if args.init:  # checked in full (runs.check_init) before --out was touched
         return args.init
     path = os.path.join(args.out, "base.safetensors")
     config = GPTConfig.preset(args.model)
@@ -182,9 +181,7 @@ def bootstrap_base(args, tokenizer, dist, device):
     sft, _ = data.tokenize_sft(world.sft["train"], tokenizer, config.block_size)
     settings = runs.base_settings(args, config, data.fingerprint(sft))
     if os.path.exists(path):
-        runs.compare_settings(path, read_metadata(path), settings,
-                              f"use another --out, or delete {path} to train a new base")
-        runs.check_finite(load_model(path)[0], path, f"delete it to train a new base (lower --sft-lr)")
+        runs.check_base(path, settings)
         dist.print(f"[base] reusing {path}")
         return path
     model = GPT(config, seed=args.seed).to(device)

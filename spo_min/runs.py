@@ -32,8 +32,9 @@ import time
 
 import torch
 
-from spo_min.checkpoint import CheckpointError, read_config, read_header, _parse_our_header
+from spo_min.checkpoint import CheckpointError, load_model, read_config, read_header, read_metadata, _parse_our_header
 from spo_min.model import GPT, PRESETS, GPTConfig
+from spo_min.tokenizer import VOCAB_SIZE
 
 
 class RunError(CheckpointError):
@@ -160,15 +161,36 @@ def check_device(requested):
 
 
 def check_init(path):
-    """--init must be a readable checkpoint whose n_head is known (HF files need config.json)."""
+    """--init, checked in full before --out is touched: a readable GPT-2 checkpoint (an HF file
+    needs its config.json for n_head), GPT-2's vocabulary (or a padded one), finite weights."""
     if not os.path.isfile(path):
         raise RunError(f"--init {path}: no such file (give a safetensors checkpoint)")
-    _, file_metadata = read_header(path)
+    infos, file_metadata = read_header(path)
     _, config, _ = _parse_our_header(path, file_metadata)
-    if config is None and not os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")):
-        raise RunError(f"--init {path}: a Hugging Face file without its config.json; no weight shape tells "
-                       "the number of heads: put the model's config.json beside the file")
-    return read_config(path)
+    if config is None:
+        if not any(key.split(".")[-2:] == ["wte", "weight"] for key in infos):
+            keys = ", ".join(sorted(infos)[:4]) + (", ..." if len(infos) > 4 else "")
+            raise RunError(f"--init {path}: not a GPT-2 checkpoint (no token embedding 'wte.weight' among its keys "
+                           f"{keys}): give a GPT-2 safetensors file")
+        if not os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")):
+            raise RunError(f"--init {path}: a Hugging Face GPT-2 file without its config.json; no weight shape "
+                           "tells the number of heads: put the model's config.json beside the file")
+    config = read_config(path)
+    if config.vocab_size < VOCAB_SIZE:
+        raise RunError(f"--init {path}: its vocabulary has {config.vocab_size} tokens, GPT-2's tokenizer has "
+                       f"{VOCAB_SIZE}: give a checkpoint with GPT-2's vocabulary (a padded one, e.g. 50304, is fine)")
+    check_finite(load_model(path)[0], f"--init {path}", "give a checkpoint with finite weights")  # keys and shapes too
+    return config
+
+
+def check_base(path, settings):
+    """An SFT base found in --out is reused only if it is one, made with this run's settings."""
+    recorded = read_metadata(path)
+    if recorded.get("kind") != "base":
+        raise RunError(f"{path} was not made by spo-min's SFT (it records no SFT settings): pass it as --init, "
+                       "or move it away to train a new base")
+    compare_settings(path, recorded, settings, f"use another --out, or delete {path} to train a new base")
+    check_finite(load_model(path)[0], path, "delete it to train a new base (lower --sft-lr)")
 
 
 def base_config(args):

@@ -361,6 +361,19 @@ def test_checkpoints_honour_the_umask(tmp_path, umask):
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_padded_vocabulary_is_cut_to_the_tokenizer(tmp_path):
+    """A nanoGPT-style padded vocabulary (50304 rows): the real tokens' logits are the file's, the
+    padding rows are gone, so they can be neither sampled nor part of a softmax."""
+    model = GPT(GPTConfig.preset("nano", vocab_size=50304), seed=0)
+    save_model(model, tmp_path / "padded.safetensors")
+    cut, _ = load_model(tmp_path / "padded.safetensors")
+    kept, _ = load_model(tmp_path / "padded.safetensors", vocab_size=None)
+    assert cut.config.vocab_size == 50257 and kept.config.vocab_size == 50304
+    ids = random_ids(50257, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(cut(ids), kept(ids)[..., :50257])  # same numbers, the padding columns dropped
+
+
 def raw_safetensors(path, header):
     """A file with exactly this JSON header (bytes or dict) and 16 data bytes."""
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()

@@ -372,13 +372,112 @@ def test_outputs_are_never_written_through_a_link(base, tmp_path, name):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_hf_init_without_config_json_is_refused(base, tmp_path):
+def hf_export(model, folder, config_json=True, **config):
+    """model as a Hugging Face GPT-2 export: model.safetensors (HF keys, no metadata) + config.json."""
     from safetensors.torch import load_file, save_file
 
-    save_model(load_model(base)[0], tmp_path / "ours.safetensors", layout="hf")
-    save_file(load_file(tmp_path / "ours.safetensors"), tmp_path / "hf.safetensors")  # as HF writes it: no config
-    refused(["--init", str(tmp_path / "hf.safetensors"), "--stage", "helpful", "--out", NOT_THERE, *FAST],
-            "a Hugging Face file without its config.json", NOT_THERE)
+    folder.mkdir()
+    save_model(model, folder / "ours.safetensors", layout="hf")
+    save_file(load_file(folder / "ours.safetensors"), folder / "model.safetensors")  # as HF writes it
+    (folder / "ours.safetensors").unlink()
+    c = model.config
+    if config_json:
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "gpt2", "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+            "vocab_size": c.vocab_size, "n_positions": c.block_size, "layer_norm_epsilon": 1e-5, **config}))
+    return str(folder / "model.safetensors")
+
+
+def test_hf_init_without_config_json_is_refused(base, tmp_path):
+    path = hf_export(load_model(base)[0], tmp_path / "hf", config_json=False)
+    refused(["--init", path, "--stage", "helpful", "--out", NOT_THERE, *FAST],
+            "a Hugging Face GPT-2 file without its config.json", NOT_THERE)
+
+
+NANO = GPTConfig.preset("nano")
+
+
+def not_gpt2(folder):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, folder / "x.safetensors")
+    return folder / "x.safetensors"
+
+
+def extra_key(folder):
+    """Our own checkpoint with one tensor too many: found only by a full load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    path = folder / "x.safetensors"
+    save_model(GPT(NANO, seed=0), path)
+    with safe_open(path, framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, path, metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("make, needle", [
+    # Medium 5 and 9: config.json values are type- and range-checked where they are read.
+    (lambda d: hf_export(GPT(NANO, seed=0), d, layer_norm_epsilon="1e-5"),
+     "config.json: layer_norm_epsilon is str '1e-5'; expected a positive number (GPT-2's is 1e-05)"),
+    (lambda d: hf_export(GPT(NANO, seed=0), d, layer_norm_epsilon=-1e-5),
+     "config.json: layer_norm_epsilon is float -1e-05; expected a positive number"),
+    (lambda d: hf_export(GPT(NANO, seed=0), d, n_embd="32"),
+     "config.json: n_embd is str '32'; expected a positive integer: fix config.json"),
+    # Medium 5: a vocabulary smaller than the tokenizer's (it was an IndexError mid-run).
+    (lambda d: hf_export(GPT(GPTConfig.preset("nano", vocab_size=1000), seed=0), d),
+     "its vocabulary has 1000 tokens, GPT-2's tokenizer has 50257"),
+    # Low 10: a safetensors file that is no GPT-2 at all.
+    (not_gpt2, "not a GPT-2 checkpoint (no token embedding 'wte.weight' among its keys w)"),
+    # Low 11: a key too many is found before --out is created (--init is loaded in full up front).
+    (extra_key, "unexpected keys 'extra.weight'"),
+], ids=["eps-string", "eps-negative", "n_embd-string", "vocab-1000", "not-gpt2", "extra-key"])
+def test_a_bad_init_is_refused_before_out_exists(tmp_path, make, needle):
+    init = make(tmp_path / "init")
+    out = tmp_path / "out"
+    message = refused(["--init", str(init), "--stage", "helpful", "--out", str(out), *FAST], needle, out)
+    assert message.startswith(("--init ", str(tmp_path))) and not out.exists()
+
+
+def test_an_unreadable_init_is_one_line(base, tmp_path, monkeypatch):
+    import spo_min.checkpoint as checkpoint
+
+    def no_permission(path, *a, **k):  # what open() raises on a chmod 000 file (tests may run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "open", no_permission, raising=False)
+    out = tmp_path / "out"
+    refused(argv(base, out), f"{base}: cannot read it (Permission denied); make it readable", out)
+    assert not out.exists()
+
+
+def test_a_foreign_file_named_base_in_out_is_not_reused(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(hf_export(load_model(base)[0], tmp_path / "hf", config_json=False), out / "base.safetensors")
+    refused(["--model", "nano", "--stage", "helpful", "--out", str(out), *FAST],
+            f"{out / 'base.safetensors'} was not made by spo-min's SFT (it records no SFT settings): pass it as "
+            "--init, or move it away", out)
+
+
+def test_a_padded_vocabulary_loads_and_runs(tmp_path):
+    """nanoGPT pads GPT-2's 50257 tokens to 50304. The padding rows get huge logits here: were
+    they sampled, decoding would fail; were they scored, every log-prob would be ~-1e4."""
+    model = GPT(GPTConfig.preset("nano", vocab_size=50304), seed=0)
+    with torch.no_grad():
+        model.transformer.wte.weight[50257:] = 50.0
+    padded = tmp_path / "padded.safetensors"
+    save_model(model, padded, metadata={"kind": "init"})
+    out = tmp_path / "out"
+    rows = train.main(argv(str(padded), out))
+    assert rows[1]["sample"] and rows[1]["acc/helpful"] is not None
+    policy, _ = load_model(out / "round1_helpful.safetensors")
+    assert policy.config.vocab_size == 50257
+    meta = read_metadata(out / "round1_helpful.safetensors")
+    assert meta["parent_sha256"] == chain.file_sha256(padded)
 
 
 @pytest.mark.parametrize("rows, flags, needle", [

@@ -108,26 +108,14 @@ def parse_args(argv=None):
 
 def stage_sources(args):
     """Where each stage's pairs come from: "world", or (path, format). Checked before any training."""
-    files = {}
-    for item in args.data:
-        if item == "world":
-            continue
-        if "=" not in item:
-            raise TrainError(f"--data {item}: expected 'world' or DIMENSION=PATH[:FORMAT]")
-        dimension, spec = item.split("=", 1)
-        path, _, fmt = spec.rpartition(":")
-        if fmt not in data.FORMATS:  # no known format after the last ':': it belongs to the path
-            path, fmt = spec, ""
-        if not os.path.isfile(path):
-            raise TrainError(f"--data {item}: no such file {path}")
-        files[dimension] = (path, fmt or "auto")
-    sources = {}
     # With --branch, the earlier rounds' dimensions too: they are evaluated (main sets all_stages).
-    for stage in getattr(args, "all_stages", args.stage):
+    stages = getattr(args, "all_stages", args.stage)
+    files = runs.data_flags(args.data, stages, data.FORMATS)
+    sources = {}
+    for stage in stages:
         if stage not in files and stage not in DIMENSIONS:
-            known = sorted(set(DIMENSIONS) | set(files))
-            raise TrainError(f"unknown stage '{stage}': known dimensions are {known} "
-                             "(the built-in world's, or one given as --data DIMENSION=PATH)")
+            raise TrainError(f"unknown stage '{stage}'{runs.closest(stage, DIMENSIONS)}: known dimensions are "
+                             f"{sorted(DIMENSIONS)} (the built-in world's), or give its pairs as --data {stage}=PATH")
         sources[stage] = files.get(stage, "world")
     return sources
 
@@ -154,8 +142,11 @@ def load_stage_data(args, sources, tokenizer, block_size):
             pairs[stage] = (world.pairs[stage]["train"], world.pairs[stage]["heldout"])
         else:
             # A dimension of our own naming is just a label (only PKU files need helpful/harmless).
-            loaded, report = data.load_pairs(source[0], fmt=source[1],
-                                             dimension=stage if stage in data.DIMENSIONS else None)
+            try:
+                loaded, report = data.load_pairs(source[0], fmt=source[1],
+                                                 dimension=stage if stage in data.DIMENSIONS else None)
+            except data.DataError as err:
+                raise runs.data_error_for_flags(err) from None
             print(f"[data] {stage}: {report}")
             pairs[stage] = data.split_by_prompt(loaded, heldout_fraction=0.05, seed=args.seed)
     tokenized = {}

@@ -21,6 +21,7 @@ that wrote them.
 from __future__ import annotations
 
 import atexit
+import difflib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import time
 
 import torch
 
+from spo_min import data
 from spo_min.checkpoint import CheckpointError, load_model, read_config, read_header, read_metadata, _parse_our_header
 from spo_min.model import GPT, PRESETS, GPTConfig
 from spo_min.tokenizer import VOCAB_SIZE
@@ -93,6 +95,68 @@ def compare_settings(what, recorded, expected, fix):
                        f"(set by {flag}): run with the same {flag} to reuse it, or {fix}")
 
 
+# ----------------------------------------------------------------------------- names and stages
+
+# A stage name becomes part of file names (round1_helpful.safetensors): one rule for every name
+# that does, so none can climb out of --out ('../x'), make sub-folders ('x/y') or be empty.
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+def check_stage_names(stages):
+    for stage in stages:
+        _check(_NAME.fullmatch(stage), f"--stage {stage!r}: a stage name becomes part of file names, so it must be "
+                                       "a letter followed by letters, digits or _ (at most 64), e.g. helpful")
+
+
+def closest(name, choices):
+    """' (did you mean 'x'?)' for the choice nearest to a mistyped name, or ''."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def data_flags(items, stages, formats):
+    """--data DIMENSION=PATH[:FORMAT] flags -> {stage: (path, format)}.
+
+    Every flag names one of the run's stages, once: a typo ('helpfull') or a second file for the
+    same stage would otherwise be ignored, and the stage trained on the built-in world instead.
+    """
+    files = {}
+    for item in items:
+        if item == "world":
+            continue
+        _check("=" in item, f"--data {item}: expected 'world' or DIMENSION=PATH[:FORMAT]")
+        stage, spec = item.split("=", 1)
+        _check(stage in stages, f"--data {item}: '{stage}' is not a stage of this run{closest(stage, stages)}; "
+                                f"its stages are {', '.join(stages)}")
+        _check(stage not in files, f"--data {item}: stage '{stage}' already has --data {files.get(stage, ('',))[0]}; "
+                                   "give one file per stage")
+        files[stage] = _data_source(item, spec, formats)
+    return files
+
+
+def _data_source(item, spec, formats):
+    path, _, fmt = spec.rpartition(":")
+    if fmt not in formats:  # no known format after the last ':': it belongs to the path
+        path, fmt = spec, ""
+    if not os.path.exists(path):
+        head, _, suffix = spec.rpartition(":")
+        _check(not (head and os.path.exists(head)), f"--data {item}: unknown format '{suffix}' after the last ':'; "
+                                                    f"expected one of {', '.join(formats)}")
+        raise RunError(f"--data {item}: no such file {path}")
+    # A pipe (<(zcat pairs.jsonl.gz)) is fine: it is read once.
+    _check(not os.path.isdir(path), f"--data {item}: {path} is a folder; give a .jsonl or .jsonl.gz file of pairs")
+    return path, fmt or "auto"
+
+
+def data_error_for_flags(err):
+    """data.load_pairs' hints name its Python arguments; train.py's user has flags instead."""
+    message = str(err)
+    for api, flags in ((data.SKIP_BAD_HINT, "or remove it"),
+                       (data.DIMENSION_HINT, "name the stage helpful or harmless (it picks the label)")):
+        message = message.replace(api, flags)
+    return data.DataError(message)
+
+
 # ----------------------------------------------------------------------------- preflight
 
 def _check(ok, message):
@@ -138,6 +202,7 @@ def preflight(args, world_size=1):
            f"--batch-size {args.batch_size} does not split over {world_size} processes: "
            "make it a multiple of --nproc_per_node")
     check_device(args.device)
+    check_stage_names(args.stage)
     for name in ("metrics.jsonl", "scores.png"):  # never write through a link into someone else's file
         path = os.path.join(args.out, name)
         _check(not os.path.islink(path), f"{path} is a symbolic link; spo-min writes its outputs only as "

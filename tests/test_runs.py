@@ -502,12 +502,58 @@ def test_data_is_checked_before_the_base_sft(tmp_path, rows, flags, needle):
 
 def test_custom_dimension_and_colon_in_path_load(tmp_path):
     path = write_pairs(tmp_path / "a:b.jsonl", 40)
-    args = train.parse_args(["--stage", "honest", "--data", f"honest={path}", "--data", f"helpful={path}:generic"])
+    args = train.parse_args(["--stage", "honest", "--data", f"honest={path}:generic"])
+    assert train.stage_sources(args) == {"honest": (path, "generic")}
+    args = train.parse_args(["--stage", "honest", "--data", f"honest={path}"])
     sources = train.stage_sources(args)
     assert sources == {"honest": (path, "auto")}
     tokenized, _ = train.load_stage_data(args, sources, get_tokenizer(), 64)
     train_tok, heldout = tokenized["honest"]
     assert len(train_tok) + len(heldout) == 40 and len(heldout) == 2
+
+
+# ----------------------------------------------------------------------------- names that become paths
+
+@pytest.mark.parametrize("stage", ["../../../victim", "x/y", "", ".hidden", "two words", "x" * 65])
+def test_a_stage_name_is_an_identifier(base, tmp_path, stage):
+    """High 1: a stage name becomes part of file names; '../../../victim' wrote outside --out."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 40)
+    out = tmp_path / "a" / "b" / "out"
+    refused(argv(base, out, "--data", f"{stage}={pairs}", stages=(stage,)),
+            f"--stage {stage!r}: a stage name becomes part of file names, so it must be a letter followed by "
+            "letters, digits or _ (at most 64), e.g. helpful", out)
+    assert victim.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["pairs.jsonl", "victim"]
+
+
+@pytest.mark.parametrize("stage, flags, needle", [
+    # High 4: a typo trained the built-in world instead, exit 0; a second file replaced the first.
+    ("helpful", ["helpfull={pairs}"],
+     "--data helpfull={pairs}: 'helpfull' is not a stage of this run (did you mean 'helpful'?); its stages are helpful"),
+    ("helpful", ["helpful={pairs}", "helpful={other}"],
+     "--data helpful={other}: stage 'helpful' already has --data {pairs}; give one file per stage"),
+    # Low 10: what each bad --data is, rather than "no such file", and hints in flags, not Python.
+    ("helpful", ["helpful={pairs}:xml"],
+     "--data helpful={pairs}:xml: unknown format 'xml' after the last ':'; expected one of auto, hh, pku, generic"),
+    ("helpful", ["helpful={folder}"], "--data helpful={folder}: {folder} is a folder; give a .jsonl or .jsonl.gz file"),
+    ("honest", ["honest={pku}"], "{pku}: looks like PKU-SafeRLHF, whose rows label two dimensions; name the stage "
+                                 "helpful or harmless (it picks the label)"),
+    ("honest", ["honest={bad}"], "{bad}:2: invalid JSON (Expecting value at column 1); expected one JSON object per "
+                                 "line (fix the row, or remove it)"),
+], ids=["typo", "twice", "format", "folder", "pku", "bad-row"])
+def test_every_data_flag_names_one_stage_once(base, tmp_path, stage, flags, needle):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\nnot json\n')
+    (tmp_path / "pku.jsonl").write_text(json.dumps({"prompt": "p", "response_0": "a", "response_1": "b",
+                                                    "better_response_id": 0, "safer_response_id": 1}) + "\n")
+    paths = {"pairs": write_pairs(tmp_path / "pairs.jsonl", 40), "other": write_pairs(tmp_path / "other.jsonl", 40),
+             "folder": tmp_path / "folder", "bad": tmp_path / "bad.jsonl", "pku": tmp_path / "pku.jsonl"}
+    data_flags = [a for f in flags for a in ("--data", f.format(**paths))]
+    out = tmp_path / "out"
+    message = refused(argv(base, out, *data_flags, stages=(stage,)), needle.format(**paths), out)
+    assert "skip_bad" not in message and "dimension=" not in message  # Python arguments, not flags
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- Medium 5, 7: disk and metrics

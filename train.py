@@ -412,6 +412,7 @@ def main(argv=None):
     args.all_stages = [m["stage"] for m in branch_chain[1:]] + args.stage if branch_chain else list(args.stage)
     chain.resolve_hyperparameters(args)
     sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
+    chain.check_run_files(args, branch_chain, sources)  # nothing overwritten, no input is an output
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
     # Every --data file is loaded and tokenized before the base SFT: bad data fails in seconds.

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata, write_safetensors
 from spo_min import data
 from spo_min.optim import AdamW
-from spo_min.runs import check_finite, compare_settings, round_settings
+from spo_min.runs import check_finite, check_metrics, check_outputs, compare_settings, round_settings
 
 
 class ChainError(CheckpointError):
@@ -31,6 +31,42 @@ class ChainError(CheckpointError):
 
 def round_path(out_dir, n, stage):
     return os.path.join(out_dir, f"round{n}_{stage}.safetensors")
+
+
+def state_path(round_checkpoint):
+    """The resumable mid-round state that sits beside a round's checkpoint until it is finished."""
+    return round_checkpoint.replace(".safetensors", ".state.safetensors")
+
+
+def run_outputs(args):
+    """{path: what it is} for every file this run may write in --out (runs.check_outputs)."""
+    outputs = {}
+    if not (args.init or args.branch):
+        outputs[os.path.join(args.out, "base.safetensors")] = "the SFT base"
+    for n, stage in enumerate(args.stage, start=first_round(args)):
+        path = round_path(args.out, n, stage)
+        outputs[path] = f"the round {n} checkpoint"
+        outputs[state_path(path)] = f"the unfinished round {n} state"
+    outputs[os.path.join(args.out, "metrics.jsonl")] = "the metrics file"
+    outputs[os.path.join(args.out, "scores.png")] = "the plot"
+    return outputs
+
+
+def run_inputs(args, branch_chain, sources):
+    """[(flag, path)] for every file this run reads: --init, the --branch chain, the --data files."""
+    inputs = [("--init", args.init)] if args.init else []
+    inputs += [("--branch", link["path"]) for link in branch_chain or []]
+    inputs += [("--data", source[0]) for source in sources.values() if source != "world"]
+    return inputs
+
+
+def check_run_files(args, branch_chain, sources):
+    """runs.check_outputs for this run; with --resume, also that metrics.jsonl can be appended to."""
+    base = os.path.join(args.out, "base.safetensors")  # reused when its settings match (check_base)
+    check_outputs(run_outputs(args), run_inputs(args, branch_chain, sources), args.resume, bool(args.branch),
+                  reusable={base})
+    if args.resume:
+        check_metrics(os.path.join(args.out, "metrics.jsonl"))
 
 
 def file_sha256(path):
@@ -139,7 +175,7 @@ def check_chain_complete(out_dir, stages):
                 earlier = round_path(out_dir, k, stages[k - 1])
                 if not os.path.exists(earlier):
                     raise ChainError(f"cannot resume round {n}: it needs the earlier checkpoint {earlier}, "
-                                     "which is missing. Restore it, or run without --resume to start over")
+                                     "which is missing. Restore it, or use another --out to start over")
             return
 
 

@@ -203,10 +203,46 @@ def preflight(args, world_size=1):
            "make it a multiple of --nproc_per_node")
     check_device(args.device)
     check_stage_names(args.stage)
-    for name in ("metrics.jsonl", "scores.png"):  # never write through a link into someone else's file
-        path = os.path.join(args.out, name)
-        _check(not os.path.islink(path), f"{path} is a symbolic link; spo-min writes its outputs only as "
-                                         "plain files: remove the link or use another --out")
+
+
+# ----------------------------------------------------------------------------- what a run writes
+
+def same_file(a, b):
+    a, b = os.path.realpath(a), os.path.realpath(b)  # links resolved; hard links below
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _not_plain(path):
+    """What a path is when it cannot be an output (a link could point into someone else's file)."""
+    if os.path.islink(path):
+        return "a symbolic link"
+    if os.path.isdir(path):
+        return "a folder"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "not a regular file"
+    return None
+
+
+def check_outputs(outputs, inputs, resume, branch, reusable=()):
+    """The one rule for what a run writes, checked before it writes anything.
+
+    outputs: {path: what} for every file the run may write (chain.run_outputs); inputs: [(flag,
+    path)] for every file it reads. No input may be an output; every output is a plain file; and
+    a run never overwrites, deletes or orphans a file it did not create: without --resume, none
+    of its outputs may exist yet (except `reusable` ones, e.g. an SFT base reused when its settings
+    match). --resume continues the run that made them, each file checked against its settings.
+    """
+    for path, what in outputs.items():
+        for flag, given in inputs:
+            _check(not same_file(given, path), f"{flag} {given} is {what} this run writes: a run never reads "
+                                               "what it writes; copy the file elsewhere first, or use another --out")
+        kind = _not_plain(path)
+        _check(kind is None, f"{path} is {kind}; spo-min writes its outputs only as plain files: remove it or use "
+                             "another --out")
+        if os.path.exists(path) and not resume and path not in reusable:
+            choices = ("use another --out, or delete the file (a --branch run does not --resume)" if branch else
+                       "continue that run with --resume, use another --out, or delete the file")
+            raise RunError(f"{path} is {what} of an earlier run; this run would overwrite it: {choices}")
 
 
 def check_device(requested):
@@ -414,10 +450,50 @@ def _json_safe(value):
     return value
 
 
+def _metrics_rows(path):
+    """(complete lines, the last line if it has no newline) of metrics.jsonl."""
+    with open(path, "rb") as f:
+        text = f.read()
+    cut = text.rfind(b"\n") + 1
+    return text[:cut].splitlines(), text[cut:]
+
+
+def _is_row(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def check_metrics(path):
+    """Before --resume appends to metrics.jsonl: every complete line is a row (a JSON object).
+    A file of something else is refused rather than appended to; a cut last line is repaired by
+    start_metrics."""
+    if not os.path.exists(path):
+        return
+    lines, _ = _metrics_rows(path)
+    for number, line in enumerate(lines, start=1):
+        _check(not line.strip() or _is_row(line),
+               f"{path}:{number}: not a metrics row (one JSON object per line); this file was not written by "
+               "spo-min: move it away, or use another --out")
+
+
 def start_metrics(path, resume):
-    """A fresh run starts metrics.jsonl empty; --resume appends to it."""
-    if not resume and os.path.lexists(path):
-        os.remove(path)
+    """A fresh run starts with no metrics.jsonl (check_outputs made sure). --resume appends to it,
+    after repairing a last line that an interrupted write cut short: dropped, and said so (two
+    rows glued into one invalid line otherwise). A last row that only lacks its newline gets it."""
+    if not resume or not os.path.exists(path):
+        return
+    lines, tail = _metrics_rows(path)
+    if not tail:
+        return
+    with open(path, "rb+") as f:
+        if _is_row(tail):
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(sum(len(line) + 1 for line in lines))
+            print(f"[metrics] {path}: dropped its last line, cut short by an interrupted write ({len(tail)} bytes)")
 
 
 def append_metrics(path, row, run_id):

@@ -61,7 +61,8 @@ def snapshot(folder):
     """
     if not os.path.exists(folder):
         return None
-    files = {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+    files = {name: open(os.path.join(folder, name), "rb").read() if os.path.isfile(os.path.join(folder, name))
+             else "not a file" for name in sorted(os.listdir(folder))}
     if ".lock" in files and json.loads(files[".lock"])["pid"] == os.getpid():
         del files[".lock"]
     return files
@@ -85,9 +86,8 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def two_rounds(base, tmp_path_factory):
-    """A finished two-round run; its folder first held a stale metrics.jsonl of another run."""
+    """A finished two-round run."""
     out = tmp_path_factory.mktemp("done")
-    (out / "metrics.jsonl").write_text('{"round": 7, "stage": "old"}\n')
     train.main(argv(base, out, stages=("helpful", "harmless")))
     return out
 
@@ -136,7 +136,7 @@ def test_fresh_run_records_every_setting_and_tags_metrics(two_rounds):
                 "alpha": None, "lr": train.DEFAULT_LR, "warmup": train.DEFAULT_WARMUP, "steps": 2, "batch_size": 4, "seed": 0, "average_logps": False,
                 "dtype": "float32", "parent_sha256": chain.file_sha256(two_rounds / "round1_helpful.safetensors")}
     assert {k: meta[k] for k in expected} == expected and len(meta["data_fingerprint"]) == 16
-    # metrics.jsonl started empty: the stale row is gone, every row carries this run's id.
+    # One row per round, every row carries this run's id.
     rows = [json.loads(line) for line in (two_rounds / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert len({r["run_id"] for r in rows}) == 1 and rows[0]["run_id"]
@@ -228,6 +228,79 @@ def test_resume_refuses_an_incomplete_or_non_finite_state(mid_round, base, tmp_p
     save_file(tensors, state, metadata=header)
     message = refused(argv(base, out, "--steps", "3", "--save-every", "2", "--resume"), needle, out)
     assert "delete" in message and "restart the round" in message
+
+
+# ----------------------------------------------------------------------------- High 2-3: what a run writes
+
+def everything(folder):
+    """Every file under folder (recursively) and its bytes: 'no other file changed'."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files if f != ".lock"}
+
+
+@pytest.mark.parametrize("flags, needle", [
+    # High 3: README's own example with the default --out replaced round 2 and its metrics rows.
+    (["--branch", "{out}/round1_helpful.safetensors", "--stage", "harmless", "--alpha", "0.1"],
+     "{out}/round2_harmless.safetensors is the round 2 checkpoint of an earlier run; this run would overwrite "
+     "it: use another --out, or delete the file (a --branch run does not --resume)"),
+    # High 3: a fresh run with another --beta overwrote round 1 and orphaned round 2.
+    (["--init", "{base}", "--stage", "helpful", "--beta", "0.5"],
+     "{out}/round1_helpful.safetensors is the round 1 checkpoint of an earlier run; this run would overwrite it: "
+     "continue that run with --resume, use another --out, or delete the file"),
+    (["--branch", "{out}/round1_helpful.safetensors", "--stage", "concise"],
+     "{out}/metrics.jsonl is the metrics file of an earlier run; this run would overwrite it: use another --out"),
+    # High 2: --init is the file the run is about to write.
+    (["--init", "{out}/round1_helpful.safetensors", "--stage", "helpful", "--resume"],
+     "--init {out}/round1_helpful.safetensors is the round 1 checkpoint this run writes: a run never reads what "
+     "it writes; copy the file elsewhere first, or use another --out"),
+    (["--init", "{base}", "--stage", "helpful", "--data", "helpful={out}/metrics.jsonl", "--resume"],
+     "--data {out}/metrics.jsonl is the metrics file this run writes: a run never reads what it writes"),
+], ids=["branch-into-own-folder", "fresh-run-over-finished", "branch-metrics", "init-is-output", "data-is-output"])
+def test_a_run_never_overwrites_what_it_did_not_create(two_rounds, base, tmp_path, flags, needle):
+    out = copy_of(two_rounds, tmp_path)
+    before = everything(tmp_path)
+    fill = {"out": out, "base": base}
+    args = [f.format(**fill) for f in flags] + ["--out", str(out), *FAST]
+    refused(args, needle.format(**fill), out)
+    assert everything(tmp_path) == before
+
+
+def test_an_unfinished_round_is_continued_only_with_resume(mid_round, base, tmp_path):
+    out = copy_of(mid_round, tmp_path)
+    refused(argv(base, out, "--steps", "3", "--save-every", "2"),
+            f"{out}/round1_helpful.state.safetensors is the unfinished round 1 state of an earlier run; this run "
+            "would overwrite it: continue that run with --resume", out)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "scores.png"])
+def test_an_output_that_is_a_folder_is_refused_before_training(base, tmp_path, name):
+    """Medium 5: scores.png or metrics.jsonl being a folder was a traceback after training."""
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    refused(argv(base, out), f"{out / name} is a folder; spo-min writes its outputs only as plain files: remove it "
+                             "or use another --out", out)
+
+
+def test_resume_drops_a_cut_last_metrics_line_and_says_so(two_rounds, base, tmp_path, capsys):
+    """Medium 8: --resume appended onto a cut last line, gluing two rows into one invalid line."""
+    out = copy_of(two_rounds, tmp_path)
+    whole = (out / "metrics.jsonl").read_bytes()
+    cut = whole[: len(whole) - 40]  # the last row, cut short by a kill during its write
+    (out / "metrics.jsonl").write_bytes(cut)
+    train.main(argv(base, out, "--resume", "--eval-samples", "0", stages=("helpful", "harmless")))
+    dropped = len(cut) - cut.rfind(b"\n") - 1
+    assert (f"[metrics] {out / 'metrics.jsonl'}: dropped its last line, cut short by an interrupted write "
+            f"({dropped} bytes)") in capsys.readouterr().out
+    lines = (out / "metrics.jsonl").read_bytes().splitlines()
+    assert lines[:2] == whole.splitlines()[:2] and all(json.loads(line) for line in lines)
+
+
+def test_resume_refuses_to_append_to_a_file_that_is_not_metrics(two_rounds, base, tmp_path):
+    out = copy_of(two_rounds, tmp_path)
+    (out / "metrics.jsonl").write_text('{"round": 0}\nnot a row\n')
+    refused(argv(base, out, "--resume", stages=("helpful", "harmless")),
+            f"{out / 'metrics.jsonl'}:2: not a metrics row (one JSON object per line); this file was not written by "
+            "spo-min: move it away, or use another --out", out)
 
 
 # ----------------------------------------------------------------------------- High 3: one run per --out

@@ -74,8 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per round")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per step, across all processes")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate of a round")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
-                   help="steps of linear warm-up; then cosine decay to 0.1 x --lr by the round's last step")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"steps of linear warm-up (default {DEFAULT_WARMUP}, or --steps - 1 if that is fewer); then "
+                        "cosine decay to 0.1 x --lr by the round's last step")
     p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--ref", choices=["cache", "live"], default="cache",
@@ -101,7 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests of --resume
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup is None:  # a short round still leaves warm-up (runs.preflight: --warmup < --steps)
+        args.warmup = max(0, min(DEFAULT_WARMUP, args.steps - 1))
+    return args
 
 
 # ----------------------------------------------------------------------------- data
@@ -272,7 +276,7 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
     lambdas_n = chain.round_lambdas(args, round_chain)
     schedule = step_schedule(len(train_tok), args.batch_size, args.steps, seed=args.seed * 1000 + n)
     # Score only the pairs this round will see; NaN elsewhere would surface any indexing bug.
-    seen = sorted({i for idx in schedule for i in idx})
+    seen = schedule.items_seen()
     frozen = frozen_round_inputs(round_chain, [train_tok[i] for i in seen], args, device)
     ref_chosen, ref_rejected, margin = (None if t is None else
                                         torch.full((len(train_tok),), math.nan).index_copy(0, torch.tensor(seen), t)

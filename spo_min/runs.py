@@ -60,7 +60,8 @@ def round_settings(args, n, stage, lambdas, data_fingerprint, parent_sha256):
             "margin_mode": args.margin if with_margin else None,
             # alpha shapes the margin only through the lambdas, except in the telescoped form
             "alpha": args.alpha if with_margin and args.margin == "telescoped" else None,
-            "lr": args.lr, "warmup": args.warmup, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+            # steps before warmup: the default warm-up follows --steps, and a message names --steps first
+            "lr": args.lr, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "seed": args.seed,
             "average_logps": args.average_logps, "dtype": args.dtype,
             "data_fingerprint": data_fingerprint, "parent_sha256": parent_sha256}
 
@@ -164,6 +165,15 @@ def _check(ok, message):
         raise RunError(message)
 
 
+# Counts beyond these are typos, not runs: a million steps of the tiny model take weeks on a CPU
+# (and ~3 hours of GPT-2 124M on an H200); 10,000 samples per held-out prompt is ~1.4 million
+# generations. Refused up front, rather than hours of work (or gigabytes) later.
+MAX_STEPS = 10**6
+MAX_SAMPLES = 10**4
+MAX_SEED = 2**32 - 1  # every seed a 64-bit generator takes, after train.py's seed * 1000 + round
+TEMPERATURE_RANGE = (0.01, 100.0)  # below 0.01 sampling is greedy in effect, and 1e-300 overflows to inf
+
+
 def preflight(args, world_size=1):
     """Every check the command line alone allows, before any file is written or any step taken."""
     positive_ints = [("--steps", args.steps), ("--batch-size", args.batch_size), ("--save-every", args.save_every),
@@ -174,6 +184,12 @@ def preflight(args, world_size=1):
         _check(value >= 1, f"{flag} must be >= 1, got {value}")
     for flag, value in [("--eval-samples", args.eval_samples), ("--warmup", args.warmup)]:
         _check(value >= 0, f"{flag} must be >= 0, got {value}")  # --eval-samples 0: exact evaluation only
+    for flag, value, limit in [("--steps", args.steps, MAX_STEPS), ("--sft-steps", args.sft_steps, MAX_STEPS),
+                               ("--eval-samples", args.eval_samples, MAX_SAMPLES)]:
+        _check(value <= limit, f"{flag} {value} is more than spo-min's limit of {limit:,}: use fewer")
+    _check(args.warmup < args.steps, f"--warmup {args.warmup} is not shorter than the round (--steps {args.steps}): "
+                                     f"the learning rate would never leave warm-up; use --warmup {args.steps - 1} or less")
+    _check(0 <= args.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (2**32 - 1), got {args.seed}")
     _check(args.world_temperature > 0 and math.isfinite(args.world_temperature),
            f"--world-temperature must be a positive number, got {args.world_temperature}")
     _check(args.world_cautious >= 0 and math.isfinite(args.world_cautious),
@@ -183,6 +199,9 @@ def preflight(args, world_size=1):
     _check(args.sft_steps >= 0, f"--sft-steps must be >= 0, got {args.sft_steps}")
     for flag, value in [("--sft-lr", args.sft_lr), ("--eval-temperature", args.eval_temperature)]:
         _check(value > 0 and math.isfinite(value), f"{flag} must be a positive number, got {value}")
+    low, high = TEMPERATURE_RANGE
+    _check(low <= args.eval_temperature <= high, f"--eval-temperature must be between {low} (greedy in effect) and "
+                                                 f"{high}, got {args.eval_temperature}")
     # NaN passes every comparison (nan < 0 is False), so non-finite values need their own check.
     if args.alpha is not None:
         _check(math.isfinite(args.alpha), f"--alpha must be a finite number, got {args.alpha}")

@@ -133,7 +133,7 @@ def test_fresh_run_records_every_setting_and_tags_metrics(two_rounds):
     meta = read_metadata(two_rounds / "round2_harmless.safetensors")
     expected = {"stage": "harmless", "loss": "spo", "beta": train.DEFAULT_BETA,
                 "lambdas": [chain.DEFAULT_ALPHA / train.DEFAULT_BETA], "margin_mode": "exact",
-                "alpha": None, "lr": train.DEFAULT_LR, "warmup": train.DEFAULT_WARMUP, "steps": 2, "batch_size": 4, "seed": 0, "average_logps": False,
+                "alpha": None, "lr": train.DEFAULT_LR, "warmup": 1, "steps": 2, "batch_size": 4, "seed": 0, "average_logps": False,
                 "dtype": "float32", "parent_sha256": chain.file_sha256(two_rounds / "round1_helpful.safetensors")}
     assert {k: meta[k] for k in expected} == expected and len(meta["data_fingerprint"]) == 16
     # One row per round, every row carries this run's id.
@@ -162,7 +162,7 @@ def test_resume_refuses_a_state_made_with_other_settings(mid_round, base, tmp_pa
     (["--margin", "telescoped"], ["margin_mode", "alpha"], "'exact'", "'telescoped'"),
     (["--lr", "0.001"], ["lr"], "0.0002", "0.001"),
     (["--warmup", "3"], ["warmup"], "10", "3"),
-    (["--steps", "7"], ["steps"], "100", "7"),
+    (["--steps", "7"], ["steps", "warmup"], "100", "7"),  # the default warm-up (10) ends before a 7-step round
     (["--batch-size", "2"], ["batch_size"], "16", "2"),
     (["--seed", "5"], ["seed"], "0", "5"),
     (["--average-logps"], ["average_logps"], "False", "True"),
@@ -408,6 +408,18 @@ NOT_THERE = "/nonexistent/spo-min/out"
     (["--branch", "/nonexistent/round1.safetensors", "--resume"], "--resume does not apply to --branch"),
     (["--branch", "/nonexistent/round1.safetensors"], "--branch /nonexistent/round1.safetensors: no such file"),
     (["--eval-pairs", "0"], "--eval-pairs must be >= 1, got 0"),
+    # Medium 7: absurd counts, refused before anything is built (the schedule alone was 200 GB).
+    (["--steps", "1000000000"], "--steps 1000000000 is more than spo-min's limit of 1,000,000: use fewer"),
+    (["--sft-steps", "2000000"], "--sft-steps 2000000 is more than spo-min's limit of 1,000,000: use fewer"),
+    (["--eval-samples", "100000"], "--eval-samples 100000 is more than spo-min's limit of 10,000: use fewer"),
+    # Low 14: a warm-up as long as the round never reaches the peak learning rate, let alone decays.
+    (["--warmup", "1000"], "--warmup 1000 is not shorter than the round (--steps 2): the learning rate would never "
+                           "leave warm-up; use --warmup 1 or less"),
+    # Medium 5: a seed no generator takes (was a ValueError), a temperature that overflows to inf.
+    (["--seed", str(2**70)], f"--seed must be between 0 and 4294967295 (2**32 - 1), got {2**70}"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295 (2**32 - 1), got -1"),
+    (["--eval-temperature", "1e-300"], "--eval-temperature must be between 0.01 (greedy in effect) and 100.0, "
+                                       "got 1e-300"),
     (["--eval-temperature", "-1"], "--eval-temperature must be a positive number, got -1.0"),
     (["--sft-lr", "inf"], "--sft-lr must be a positive number, got inf"),
     (["--alpha", "nan"], "--alpha must be a finite number, got nan"),

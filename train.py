@@ -18,6 +18,7 @@ import argparse
 import functools
 import math
 import os
+import signal
 import sys
 import time
 
@@ -508,10 +509,22 @@ def health_columns(stages):
 USER_ERRORS = (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
                TokenizerError, world_mod.WorldError)
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """train.py as a command: a problem the user can fix, and a signal, each end with one line."""
+    runs.stop_on_signals()  # SIGTERM as Ctrl-C: an exception, so nothing is left half-written
+    say = os.environ.get("RANK", "0") == "0"  # under torchrun every process stops alike: say it once
     try:
-        main()
+        main(argv)
     except USER_ERRORS as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+        if say:
             print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, however long
         sys.exit(2)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (runs.Interrupted)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        if say:
+            print(runs.interrupted_message(parse_args(argv), signum), file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+
+
+if __name__ == "__main__":
+    cli()

@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import time
 
@@ -454,6 +455,37 @@ class RunLock:
                 os.remove(self.path)
             except FileNotFoundError:
                 pass
+
+
+# ----------------------------------------------------------------------------- signals
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM: the run stops where it is, and what it saved stays resumable."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals():
+    """SIGTERM (kill, a job scheduler) stops a run the way Ctrl-C does: as an exception. An atomic
+    write in progress removes its temp file (the file it replaces stays intact), the lock is
+    released, and train.py says one line instead of a traceback."""
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
+def interrupted_message(args, signum):
+    """The one line train.py prints when a signal stopped it: what is kept and how to go on."""
+    name = signal.Signals(signum).name
+    if args.branch:
+        return (f"stopped by {name}; a --branch run does not resume: delete {args.out} (or use another --out) and "
+                "run it again")
+    return (f"stopped by {name}; the finished rounds and the last saved state of this round (every --save-every "
+            f"steps) are in {args.out}: run the same command with --resume to continue")
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -713,6 +714,43 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "error: --steps must be >= 1, got 0\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(base, tmp_path, capsys):
+    """Medium 6: Ctrl-C printed a KeyboardInterrupt traceback. Here it comes right after round 1
+    saved its state at step 2 of 3 (deterministic, unlike a timed kill)."""
+    out = tmp_path / "out"
+    args = argv(base, out, "--steps", "3", "--save-every", "2", "--eval-samples", "0")
+    script = (f"import os, signal, sys; sys.path.insert(0, {REPO!r}); import train; from spo_min import chain\n"
+              "save = chain.save_train_state\n"
+              "def save_then_ctrl_c(*a, **k):\n    save(*a, **k)\n    os.kill(os.getpid(), signal.SIGINT)\n"
+              f"chain.save_train_state = save_then_ctrl_c\ntrain.cli({args!r})\n")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"stopped by SIGINT; the finished rounds and the last saved state of this round (every --save-every steps) "
+        f"are in {out}: run the same command with --resume to continue")
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "round1_helpful.state.safetensors"]  # no lock, no temp file
+    train.main(args + ["--resume"])
+    assert "[round 1] resuming helpful at step 2" in capsys.readouterr().out
+    assert (out / "round1_helpful.safetensors").exists() and not (out / "round1_helpful.state.safetensors").exists()
+
+
+def test_sigterm_stops_a_run_like_ctrl_c():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runs.stop_on_signals()
+        with pytest.raises(KeyboardInterrupt) as stop:  # so train.cli, atomic_write and the lock treat it alike
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.value.signum == signal.SIGTERM
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    args = train.parse_args(["--stage", "helpful", "--out", "o"])
+    assert runs.interrupted_message(args, signal.SIGTERM).startswith("stopped by SIGTERM; the finished rounds")
 
 
 def test_cli_error_after_the_lock_releases_it(sft_run, tmp_path):

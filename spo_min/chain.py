@@ -69,6 +69,17 @@ def check_run_files(args, branch_chain, sources):
         check_metrics(os.path.join(args.out, "metrics.jsonl"))
 
 
+def parent_link(child, parent):
+    """How a round's checkpoint names its parent: relative to its own folder, so a folder moved or
+    copied with its chain still verifies (the recorded sha256 says it is the same file)."""
+    return os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
+
+
+def parent_path(child, recorded):
+    """The parent file a checkpoint names (relative to its folder; older files recorded it absolute)."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(child)), recorded))
+
+
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -146,16 +157,19 @@ def resolve_hyperparameters(args):
 def rebuild_chain(path):
     """The chain pi_0..pi_k that ends at checkpoint `path`, from the files' own metadata.
 
-    Each round records its parent's path and sha256; every link is checked, so a chain whose
-    files were replaced or edited since is refused rather than silently mixed.
+    Each round records its parent's path (relative to its folder) and sha256; every link is
+    checked, so a chain whose files were replaced or edited since is refused rather than
+    silently mixed.
     """
     if not os.path.isfile(path):
         raise ChainError(f"--branch {path}: no such file (give a round checkpoint, e.g. out/round1_helpful.safetensors)")
     links = [{"path": os.path.abspath(path), **read_metadata(path)}]
     while links[0].get("kind") == "round":
-        parent, sha = links[0].get("parent"), links[0].get("parent_sha256")
+        recorded, sha = links[0].get("parent"), links[0].get("parent_sha256")
+        parent = parent_path(links[0]["path"], recorded) if recorded else None
         if not parent or not os.path.isfile(parent):
-            raise ChainError(f"{links[0]['path']}: its parent checkpoint {parent} is missing; restore it to branch from here")
+            raise ChainError(f"{links[0]['path']}: its parent checkpoint {parent} is missing (recorded as {recorded!r}, "
+                             "relative to its folder); restore it to branch from here")
         if file_sha256(parent) != sha:
             raise ChainError(f"{links[0]['path']}: its parent {parent} has changed since (sha256 differs); "
                              "restore the original file to branch from here")

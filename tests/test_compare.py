@@ -43,10 +43,12 @@ def test_round2_variants_branch_from_the_same_pi1(quick_study):
     for seed in (0, 1):
         pi1 = out / f"seed{seed}" / "round1_helpful.safetensors"
         beta1 = read_metadata(pi1)["beta"]
-        spo = read_metadata(out / f"seed{seed}_spo_2" / "round2_harmless.safetensors")
-        dpo = read_metadata(out / f"seed{seed}_dpo_3" / "round2_harmless.safetensors")
-        for meta in (spo, dpo):
-            assert meta["parent"] == str(pi1) and meta["parent_sha256"] == chain.file_sha256(pi1)
+        paths = [out / f"seed{seed}_spo_2" / "round2_harmless.safetensors",
+                 out / f"seed{seed}_dpo_3" / "round2_harmless.safetensors"]
+        spo, dpo = (read_metadata(path) for path in paths)
+        for path, meta in zip(paths, (spo, dpo)):
+            assert chain.parent_path(path, meta["parent"]) == str(pi1)  # recorded relative to its folder
+            assert meta["parent_sha256"] == chain.file_sha256(pi1)
         # lambda_1^(2) = alpha / beta_1 from the beta that round 1 RECORDED; DPO records a zero.
         assert spo["lambdas"] == [pytest.approx(2.0 / beta1)] and spo["loss"] == "spo"
         assert dpo["lambdas"] == [0.0] and dpo["beta"] == 3.0 and dpo["loss"] == "dpo"
@@ -61,19 +63,15 @@ def test_branch_refuses_a_changed_parent(quick_study, tmp_path):
     src = quick_study[0] / "seed0"
     copy = tmp_path / "seed0"
     shutil.copytree(src, copy)
-    # The copied round 1 still names the ORIGINAL base by path and hash: fine while it is intact.
+    # A copied folder verifies on its own: round 1 names its base relative to its folder, by hash.
     assert len(chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))) == 2
     meta = read_metadata(copy / "round1_helpful.safetensors")
-    victim = meta["parent"]
-    backup = tmp_path / "base.bak"
-    shutil.copy(victim, backup)
-    try:
-        with open(victim, "ab") as f:
-            f.write(b"\0")
-        with pytest.raises(chain.ChainError, match="has changed since"):
-            chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))
-    finally:
-        shutil.copy(backup, victim)
+    victim = chain.parent_path(copy / "round1_helpful.safetensors", meta["parent"])
+    assert victim == str(copy / "base.safetensors")
+    with open(victim, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(chain.ChainError, match="has changed since"):
+        chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))
 
 
 # ----------------------------------------------------------------------------- n = 3
@@ -100,10 +98,11 @@ def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
         pi2 = out / f"seed{seed}" / "round2_harmless.safetensors"
         meta2 = read_metadata(pi2)
         beta1 = read_metadata(out / f"seed{seed}" / "round1_helpful.safetensors")["beta"]
-        metas = {m: read_metadata(out / f"seed{seed}_r3_{m}_1" / "round3_concise.safetensors")
-                 for m in ("exact", "telescoped", "dpo")}
-        for meta in metas.values():
-            assert meta["parent"] == str(pi2) and meta["parent_sha256"] == chain.file_sha256(pi2)
+        paths = {m: out / f"seed{seed}_r3_{m}_1" / "round3_concise.safetensors" for m in ("exact", "telescoped", "dpo")}
+        metas = {m: read_metadata(path) for m, path in paths.items()}
+        for m, meta in metas.items():
+            assert chain.parent_path(paths[m], meta["parent"]) == str(pi2)
+            assert meta["parent_sha256"] == chain.file_sha256(pi2)
         # --alpha 1: lambda_i^(3) = 1 / beta_i as recorded; the telescoped run says so in its metadata.
         assert metas["exact"]["lambdas"] == [pytest.approx(1 / beta1), pytest.approx(1 / meta2["beta"])]
         # The telescoped round records the lambdas its margin amounts to: R_1 counted twice.

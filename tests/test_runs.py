@@ -375,6 +375,19 @@ def test_base_settings_name_the_flag():
             runs.compare_settings("base.safetensors", recorded, expected, "use another --out")
 
 
+def test_a_moved_run_folder_still_verifies(sft_run, tmp_path):
+    """Low 12: parents were recorded as absolute paths, so a moved folder could not be branched from."""
+    out = copy_of(sft_run, tmp_path)
+    train.main(["--model", "nano", "--sft-steps", "1", "--stage", "helpful", "--out", str(out), *FAST,
+                "--eval-samples", "0"])
+    assert read_metadata(out / "round1_helpful.safetensors")["parent"] == "base.safetensors"
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    links = chain.rebuild_chain(str(moved / "round1_helpful.safetensors"))
+    assert [link["path"] for link in links] == [str(moved / "base.safetensors"), str(moved / "round1_helpful.safetensors")]
+
+
 def test_non_finite_base_is_never_saved_nor_reused(sft_run, tmp_path):
     fresh = tmp_path / "nan"
     fresh.mkdir()

@@ -392,12 +392,24 @@ def _pid_alive(pid):
     return True
 
 
+def _process_start(pid):
+    """When process `pid` started (clock ticks after boot, field 22 of /proc/<pid>/stat), or None
+    where there is no /proc. A pid alone does not name a process: the system reuses pids."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # after "pid (name)": field 3 is index 0
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class RunLock:
-    """`--out/.lock`, holding the pid and host of the run that uses the folder.
+    """`--out/.lock`, holding the pid, its start time and the host of the run that uses the folder.
 
     Created with O_EXCL, so two runs starting at once cannot both get it. A lock whose process is
-    gone (kill -9, a crash) is stale and taken over; one from another host cannot be checked and
-    must be removed by hand. Holding the lock also makes it safe to clear orphan temp files.
+    gone (kill -9, a crash) is stale and taken over, and so is one whose pid now belongs to a
+    process that started later (pid reuse). One from another host cannot be checked and must be
+    removed by hand. Holding the lock also makes it safe to clear orphan temp files.
     """
 
     def __init__(self, out, run_id):
@@ -406,11 +418,11 @@ class RunLock:
         self.held = False
 
     def acquire(self):
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname(),
+                  "run_id": self.run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):  # second try after removing a stale lock
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:  # 0o666: the umask decides who may read it, as for every file a run writes
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
             except FileExistsError:
                 self._clear_if_stale()
                 continue
@@ -436,7 +448,9 @@ class RunLock:
                            "--out, or delete the lock if that run is gone")
         # Our own pid: a lock left by an earlier train.main() call in this process (tests call it
         # in-process); nothing else runs in this process at the same time.
-        if pid != os.getpid() and _pid_alive(pid):
+        started, now = owner.get("pid_start"), _process_start(pid)
+        reused = None not in (started, now) and started != now  # the pid now names another, later process
+        if pid != os.getpid() and _pid_alive(pid) and not reused:
             raise RunError(f"{self.path}: --out is in use by another run (pid {pid}, started {owner.get('started')}); "
                            "wait for it to finish or use another --out")
         os.remove(self.path)
@@ -550,6 +564,6 @@ def start_metrics(path, resume):
 def append_metrics(path, row, run_id):
     """One JSON line per evaluation, tagged with the run that wrote it; never through a link."""
     record = {"run_id": run_id, **{k: _json_safe(v) for k, v in row.items()}}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)  # the umask decides
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")

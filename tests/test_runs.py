@@ -332,6 +332,37 @@ def test_a_stale_lock_is_taken_over_and_orphan_temp_files_removed(tmp_path):
     assert os.listdir(tmp_path) == ["notes.tmp"]
 
 
+def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
+    """Low 15: a stale lock whose pid now belongs to another live process blocked forever."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = runs._process_start(other.pid)
+        lock = {"pid": other.pid, "host": runs.socket.gethostname(), "run_id": "x", "started": "then"}
+        (tmp_path / ".lock").write_text(json.dumps({**lock, "pid_start": started}))  # that process's own lock
+        with pytest.raises(runs.RunError, match=f"--out is in use by another run \\(pid {other.pid}"):
+            runs.RunLock(str(tmp_path), "run-b").acquire()
+        (tmp_path / ".lock").write_text(json.dumps({**lock, "pid_start": started - 1}))  # a run before it had the pid
+        runs.RunLock(str(tmp_path), "run-b").acquire().release()
+        assert os.listdir(tmp_path) == []
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_metrics_and_lock_honour_the_umask(tmp_path):
+    """Low 17: checkpoints were 0600 whatever the umask (tests/test_checkpoint.py); the lock and
+    metrics.jsonl were 0644 whatever it was."""
+    old = os.umask(0o027)
+    try:
+        runs.append_metrics(tmp_path / "metrics.jsonl", {"round": 0}, "r")
+        lock = runs.RunLock(str(tmp_path), "r").acquire()
+        modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("metrics.jsonl", ".lock")}
+        lock.release()
+    finally:
+        os.umask(old)
+    assert modes == {"metrics.jsonl": 0o640, ".lock": 0o640}
+
+
 def test_frozen_policy_is_checked_against_the_chain(base, tmp_path):
     path = tmp_path / "pi0.safetensors"
     shutil.copy(base, path)

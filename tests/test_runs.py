@@ -352,7 +352,7 @@ def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
 def test_metrics_and_lock_honour_the_umask(tmp_path):
     """Low 17: checkpoints were 0600 whatever the umask (tests/test_checkpoint.py); the lock and
     metrics.jsonl were 0644 whatever it was."""
-    old = os.umask(0o027)
+    old = os.umask(0o002)  # a shared group folder: group members may write too
     try:
         runs.append_metrics(tmp_path / "metrics.jsonl", {"round": 0}, "r")
         lock = runs.RunLock(str(tmp_path), "r").acquire()
@@ -360,7 +360,7 @@ def test_metrics_and_lock_honour_the_umask(tmp_path):
         lock.release()
     finally:
         os.umask(old)
-    assert modes == {"metrics.jsonl": 0o640, ".lock": 0o640}
+    assert modes == {"metrics.jsonl": 0o664, ".lock": 0o664}
 
 
 def test_frozen_policy_is_checked_against_the_chain(base, tmp_path):

@@ -453,6 +453,9 @@ NOT_THERE = "/nonexistent/spo-min/out"
     (["--branch", "/nonexistent/round1.safetensors", "--resume"], "--resume does not apply to --branch"),
     (["--branch", "/nonexistent/round1.safetensors"], "--branch /nonexistent/round1.safetensors: no such file"),
     (["--eval-pairs", "0"], "--eval-pairs must be >= 1, got 0"),
+    # High 4: every flag that names a stage names a known one, the closest suggested.
+    (["--stage", "harmles"], "unknown stage 'harmles' (did you mean 'harmless'?): known dimensions are ['concise', "
+                             "'harmless', 'helpful'] (the built-in world's), or give its pairs as --data harmles=PATH"),
     # Medium 7: absurd counts, refused before anything is built (the schedule alone was 200 GB).
     (["--steps", "1000000000"], "--steps 1000000000 is more than spo-min's limit of 1,000,000: use fewer"),
     (["--sft-steps", "2000000"], "--sft-steps 2000000 is more than spo-min's limit of 1,000,000: use fewer"),
@@ -717,6 +720,19 @@ def test_a_failed_final_save_keeps_the_last_state_for_resume(base, tmp_path, mon
     assert "MB free" in message and "MB needed" in message
     assert "round1_helpful.state.safetensors is intact" in message and "--resume" in message
     assert sorted(snapshot(out)) == ["metrics.jsonl", "round1_helpful.state.safetensors"]  # no orphan temp file
+
+
+def test_the_same_run_twice_gives_byte_identical_checkpoints(tmp_path):
+    """Low 16: identical weights gave files with different sha256 (the header's metadata came out
+    in a per-process order). Two runs of one command, into two folders: the same bytes."""
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        train.main(["--model", "nano", "--sft-steps", "1", "--stage", "helpful", "--stage", "harmless",
+                    "--out", str(out), *FAST, "--eval-samples", "0"])
+        digests.append({f: chain.file_sha256(out / f) for f in sorted(os.listdir(out)) if f.endswith(".safetensors")})
+    assert list(digests[0]) == ["base.safetensors", "round1_helpful.safetensors", "round2_harmless.safetensors"]
+    assert digests[0] == digests[1]
 
 
 def test_metrics_rows_are_valid_json_with_a_run_id(tmp_path):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from kernels.logprobs import token_logprobs, triton_available
 from spo_min import chain, data, evaluate, losses, runs
-from spo_min.checkpoint import CheckpointError, load_model, read_config, read_metadata, save_model
+from spo_min.checkpoint import CheckpointError, load_model, read_config, save_model
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
 from spo_min.model import GPT, GPTConfig
@@ -508,6 +508,7 @@ def health_columns(stages):
 # Problems the user can fix: printed as one line "error: ...", exit code 2, no traceback.
 USER_ERRORS = (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
                TokenizerError, world_mod.WorldError)
+
 
 def cli(argv=None):
     """train.py as a command: a problem the user can fix, and a signal, each end with one line."""

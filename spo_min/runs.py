@@ -15,7 +15,9 @@ compared: they only change how the same numbers are computed or reported.
 
 Everything the command line alone can get wrong is checked before the first step (`preflight`),
 a lock file stops two runs from sharing one --out, and metrics rows carry the id of the run
-that wrote them.
+that wrote them. One rule covers every file a run writes (`check_outputs`): no input is an
+output, and a run never overwrites, deletes or orphans a file it did not create; only --resume
+continues in a folder that holds an earlier run's files.
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ def data_flags(items, stages, formats):
         stage, spec = item.split("=", 1)
         _check(stage in stages, f"--data {item}: '{stage}' is not a stage of this run{closest(stage, stages)}; "
                                 f"its stages are {', '.join(stages)}")
-        _check(stage not in files, f"--data {item}: stage '{stage}' already has --data {files.get(stage, ('',))[0]}; "
-                                   "give one file per stage")
+        if stage in files:
+            raise RunError(f"--data {item}: stage '{stage}' already has --data {files[stage][0]}; give one file per stage")
         files[stage] = _data_source(item, spec, formats)
     return files
 

@@ -290,7 +290,7 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device):
         ref_model.eval().requires_grad_(False)
     opt = AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     settings = runs.round_settings(args, n, stage, lambdas_n, data.fingerprint(train_tok), round_chain[-1]["sha256"])
-    meta = {"kind": "round", "round": n, "ref": args.ref, "parent": chain.parent_link(path, round_chain[-1]["path"]),
+    meta = {"kind": "round", "round": n, "ref": args.ref, **chain.parent_links(path, round_chain[-1]["path"]),
             **settings}
     start = 0
     if args.resume and os.path.exists(state_path):

@@ -69,15 +69,29 @@ def check_run_files(args, branch_chain, sources):
         check_metrics(os.path.join(args.out, "metrics.jsonl"))
 
 
-def parent_link(child, parent):
-    """How a round's checkpoint names its parent: relative to its own folder, so a folder moved or
-    copied with its chain still verifies (the recorded sha256 says it is the same file)."""
-    return os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
+def parent_links(child, parent):
+    """How a round's checkpoint names its parent (parent_sha256, beside it, says which file it is).
+
+    "parent": the path relative to the checkpoint's own folder, so a folder moved or copied with
+    its chain still verifies. A parent outside that folder (an --init, a --branch source) may not
+    move with it, so it is also named by "parent_abspath". Within one folder no absolute path is
+    recorded: the same run gives the same bytes wherever --out is.
+    """
+    relative = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
+    if os.path.dirname(relative):  # outside the child's folder
+        return {"parent": relative, "parent_abspath": os.path.abspath(parent)}
+    return {"parent": relative}
 
 
 def parent_path(child, recorded):
     """The parent file a checkpoint names (relative to its folder; older files recorded it absolute)."""
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(child)), recorded))
+
+
+def parent_candidates(child, meta):
+    """Where checkpoint `child`'s parent may be: its relative link first, then its absolute one."""
+    candidates = [parent_path(child, meta["parent"])] if meta.get("parent") else []
+    return candidates + ([meta["parent_abspath"]] if meta.get("parent_abspath") else [])
 
 
 def file_sha256(path):
@@ -157,21 +171,23 @@ def resolve_hyperparameters(args):
 def rebuild_chain(path):
     """The chain pi_0..pi_k that ends at checkpoint `path`, from the files' own metadata.
 
-    Each round records its parent's path (relative to its folder) and sha256; every link is
-    checked, so a chain whose files were replaced or edited since is refused rather than
-    silently mixed.
+    Each round records where its parent is (parent_links) and its sha256. A link holds if one of
+    those places has a file with that sha256, so a chain whose files were replaced or edited
+    since is refused rather than silently mixed.
     """
     if not os.path.isfile(path):
         raise ChainError(f"--branch {path}: no such file (give a round checkpoint, e.g. out/round1_helpful.safetensors)")
     links = [{"path": os.path.abspath(path), **read_metadata(path)}]
     while links[0].get("kind") == "round":
-        recorded, sha = links[0].get("parent"), links[0].get("parent_sha256")
-        parent = parent_path(links[0]["path"], recorded) if recorded else None
-        if not parent or not os.path.isfile(parent):
-            raise ChainError(f"{links[0]['path']}: its parent checkpoint {parent} is missing (recorded as {recorded!r}, "
-                             "relative to its folder); restore it to branch from here")
-        if file_sha256(parent) != sha:
-            raise ChainError(f"{links[0]['path']}: its parent {parent} has changed since (sha256 differs); "
+        child, sha = links[0]["path"], links[0].get("parent_sha256")
+        found = [p for p in parent_candidates(child, links[0]) if os.path.isfile(p)]
+        if not found:
+            named = " or ".join(repr(links[0][k]) for k in ("parent", "parent_abspath") if links[0].get(k))
+            raise ChainError(f"{child}: its parent checkpoint {named or '(none recorded)'} is missing (a relative "
+                             "path is from this file's folder); restore it to branch from here")
+        parent = next((p for p in found if file_sha256(p) == sha), None)
+        if parent is None:
+            raise ChainError(f"{child}: its parent {found[0]} has changed since (sha256 differs); "
                              "restore the original file to branch from here")
         links.insert(0, {"path": parent, **read_metadata(parent)})
     if [m.get("round", 0) for m in links] != list(range(len(links))):

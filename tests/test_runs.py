@@ -411,12 +411,24 @@ def test_a_moved_run_folder_still_verifies(sft_run, tmp_path):
     out = copy_of(sft_run, tmp_path)
     train.main(["--model", "nano", "--sft-steps", "1", "--stage", "helpful", "--out", str(out), *FAST,
                 "--eval-samples", "0"])
-    assert read_metadata(out / "round1_helpful.safetensors")["parent"] == "base.safetensors"
+    meta = read_metadata(out / "round1_helpful.safetensors")
+    assert meta["parent"] == "base.safetensors" and "parent_abspath" not in meta  # same bytes wherever --out is
     moved = tmp_path / "elsewhere" / "deeper"
     moved.parent.mkdir()
     shutil.move(out, moved)
     links = chain.rebuild_chain(str(moved / "round1_helpful.safetensors"))
     assert [link["path"] for link in links] == [str(moved / "base.safetensors"), str(moved / "round1_helpful.safetensors")]
+
+
+def test_a_parent_outside_the_folder_is_also_named_absolutely(two_rounds, base, tmp_path):
+    """An --init outside --out may not move with it: a copy at another depth still finds it."""
+    meta = read_metadata(two_rounds / "round1_helpful.safetensors")
+    assert meta["parent"] == os.path.relpath(base, two_rounds) and meta["parent_abspath"] == base
+    copy = tmp_path / "a" / "b"
+    shutil.copytree(two_rounds, copy)  # the relative link now points nowhere
+    links = chain.rebuild_chain(str(copy / "round2_harmless.safetensors"))
+    assert [link["path"] for link in links] == [base, *(str(copy / f"round{n}_{s}.safetensors")
+                                                       for n, s in [(1, "helpful"), (2, "harmless")])]
 
 
 def test_non_finite_base_is_never_saved_nor_reused(sft_run, tmp_path):

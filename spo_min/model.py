@@ -47,8 +47,15 @@ class GPTConfig:
                 raise ModelError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ModelError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ModelError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        is_number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ModelError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        # LayerNorm divides by sqrt(var + eps): a negative eps gives NaN on a constant input.
+        eps = self.layer_norm_epsilon
+        if not (is_number(eps) and math.isfinite(eps) and eps > 0):
+            raise ModelError(f"GPTConfig.layer_norm_epsilon must be a positive number, got {eps!r}")
+        if not isinstance(self.bias, bool):
+            raise ModelError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":

@@ -62,7 +62,7 @@ def run_inputs(args, branch_chain, sources):
 
 
 def check_run_files(args, branch_chain, sources):
-    """runs.check_outputs for this run; with --resume, also that metrics.jsonl can be appended to."""
+    """runs.check_outputs for this run; with --resume, also that metrics.jsonl and steps.jsonl can be appended to."""
     base = os.path.join(args.out, "base.safetensors")  # reused when its settings match (check_base)
     check_outputs(run_outputs(args), run_inputs(args, branch_chain, sources), args.resume, bool(args.branch),
                   reusable={base})

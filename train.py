@@ -18,6 +18,7 @@ import argparse
 import functools
 import math
 import os
+import signal
 import sys
 import time
 
@@ -26,9 +27,9 @@ from tqdm import tqdm
 
 from kernels.logprobs import token_logprobs, triton_available
 from spo_min import chain, data, evaluate, losses, runs
-from spo_min.checkpoint import CheckpointError, load_model, read_config, read_metadata, save_model
+from spo_min.checkpoint import CheckpointError, load_model, read_config, save_model
 from spo_min.ddp import Distributed
-from spo_min.logps import batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
+from spo_min.logps import batch_pair_loss, batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
 from spo_min.model import GPT, GPTConfig
 from spo_min.optim import AdamW  # torch.optim.AdamW, spelled out; it spares torch._dynamo (~145 MB)
 from spo_min.schedule import cosine_lr, step_schedule
@@ -74,15 +75,19 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per round")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per step, across all processes")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate of a round")
-    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
-                   help="steps of linear warm-up; then cosine decay to 0.1 x --lr by the round's last step")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"steps of linear warm-up (default {DEFAULT_WARMUP}, or --steps - 1 if that is fewer); then "
+                        "cosine decay to 0.1 x --lr by the round's last step")
     p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--ref", choices=["cache", "live"], default="cache",
                    help="reference log-probs cached once per round, or computed each step (fused kernel)")
     p.add_argument("--logits", choices=["chunked", "full"], default="chunked",
-                   help="chunked: lm_head + log-probs fused, never the (tokens x vocab) logits "
-                        "(kernels/linear_logprobs.py); full: model.head then log-probs (the plain path)")
+                   help="chunked: lm_head, log-probs and loss fused per chunk of pairs, never the (tokens x "
+                        "vocab) logits (spo_min/pair_loss.py); full: model.head, log-probs, autograd (the plain path)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the policy's transformer blocks in each round. auto: on with CUDA, off on CPU, "
+                        "where compiling takes over a minute per process for little gain (spo_min/bench_train.py)")
     p.add_argument("--average-logps", action="store_true", help="mean instead of sum over tokens (E9)")
     p.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts evaluated (default: all)")
     p.add_argument("--eval-samples", type=int, default=8, help="responses sampled per held-out prompt (0: none)")
@@ -104,33 +109,24 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--crash-at-step", type=int, default=None, help=argparse.SUPPRESS)  # tests of --resume
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup is None:  # a short round still leaves warm-up (runs.preflight: --warmup < --steps)
+        args.warmup = max(0, min(DEFAULT_WARMUP, args.steps - 1))
+    return args
 
 
 # ----------------------------------------------------------------------------- data
 
 def stage_sources(args):
     """Where each stage's pairs come from: "world", or (path, format). Checked before any training."""
-    files = {}
-    for item in args.data:
-        if item == "world":
-            continue
-        if "=" not in item:
-            raise TrainError(f"--data {item}: expected 'world' or DIMENSION=PATH[:FORMAT]")
-        dimension, spec = item.split("=", 1)
-        path, _, fmt = spec.rpartition(":")
-        if fmt not in data.FORMATS:  # no known format after the last ':': it belongs to the path
-            path, fmt = spec, ""
-        if not os.path.isfile(path):
-            raise TrainError(f"--data {item}: no such file {path}")
-        files[dimension] = (path, fmt or "auto")
-    sources = {}
     # With --branch, the earlier rounds' dimensions too: they are evaluated (main sets all_stages).
-    for stage in getattr(args, "all_stages", args.stage):
+    stages = getattr(args, "all_stages", args.stage)
+    files = runs.data_flags(args.data, stages, data.FORMATS)
+    sources = {}
+    for stage in stages:
         if stage not in files and stage not in DIMENSIONS:
-            known = sorted(set(DIMENSIONS) | set(files))
-            raise TrainError(f"unknown stage '{stage}': known dimensions are {known} "
-                             "(the built-in world's, or one given as --data DIMENSION=PATH)")
+            raise TrainError(f"unknown stage '{stage}'{runs.closest(stage, DIMENSIONS)}: known dimensions are "
+                             f"{sorted(DIMENSIONS)} (the built-in world's), or give its pairs as --data {stage}=PATH")
         sources[stage] = files.get(stage, "world")
     return sources
 
@@ -157,8 +153,11 @@ def load_stage_data(args, sources, tokenizer, block_size):
             pairs[stage] = (world.pairs[stage]["train"], world.pairs[stage]["heldout"])
         else:
             # A dimension of our own naming is just a label (only PKU files need helpful/harmless).
-            loaded, report = data.load_pairs(source[0], fmt=source[1],
-                                             dimension=stage if stage in data.DIMENSIONS else None)
+            try:
+                loaded, report = data.load_pairs(source[0], fmt=source[1],
+                                                 dimension=stage if stage in data.DIMENSIONS else None)
+            except data.DataError as err:
+                raise runs.data_error_for_flags(err) from None
             print(f"[data] {stage}: {report}")
             pairs[stage] = data.split_by_prompt(loaded, heldout_fraction=0.05, seed=args.seed)
     tokenized = {}
@@ -176,8 +175,7 @@ def load_stage_data(args, sources, tokenizer, block_size):
 
 def bootstrap_base(args, tokenizer, dist, device):
     """pi_0: --init if given, else a short SFT on the built-in world (reused when already saved)."""
-    if args.init:
-        runs.check_finite(load_model(args.init)[0], f"--init {args.init}", "give a checkpoint with finite weights")
+    if args.init:  # checked in full (runs.check_init) before --out was touched
         return args.init
     path = os.path.join(args.out, "base.safetensors")
     config = GPTConfig.preset(args.model)
@@ -185,9 +183,7 @@ def bootstrap_base(args, tokenizer, dist, device):
     sft, _ = data.tokenize_sft(world.sft["train"], tokenizer, config.block_size)
     settings = runs.base_settings(args, config, data.fingerprint(sft))
     if os.path.exists(path):
-        runs.compare_settings(path, read_metadata(path), settings,
-                              f"use another --out, or delete {path} to train a new base")
-        runs.check_finite(load_model(path)[0], path, f"delete it to train a new base (lower --sft-lr)")
+        runs.check_base(path, settings)
         dist.print(f"[base] reusing {path}")
         return path
     model = GPT(config, seed=args.seed).to(device)
@@ -250,8 +246,9 @@ def frozen_round_inputs(round_chain, pairs, args, device):
     return ref_chosen, ref_rejected, margin
 
 
-def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta):
-    """Start-up checks on a real batch: autograd vs E7's closed form, kernel vs torch log-probs."""
+def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta, average=False):
+    """Start-up checks on a real batch: autograd vs E7's closed form, the fused training path vs
+    plain autograd, kernel vs torch log-probs."""
     with torch.no_grad():
         seq, _ = batch_sequence_logps(policy, batch)
     n = len(ref_chosen)
@@ -264,6 +261,28 @@ def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta):
     if not (torch.allclose(g_c, expected, atol=1e-10) and torch.allclose(g_r, -expected, atol=1e-10)):
         raise TrainError("gradient check failed: autograd disagrees with E7 on this batch")
     msg = "autograd == E7"
+    # The fused path (spo_min/pair_loss.py) against plain autograd through the full logits: every
+    # parameter's gradient, on this batch's first pairs (a whole GPT-2 batch's full logits may not
+    # fit), one pair per chunk, without dropout (both paths must see the same network).
+    k = min(n, 4)
+    rows = list(range(k)) + list(range(n, n + k))
+    pairs = {key: value[rows] for key, value in batch.items()}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    was_training = policy.training
+    policy.eval()
+    grads = []
+    for logits in ("chunked", "full"):
+        loss, _, _ = batch_pair_loss(policy, pairs, functools.partial(losses.spo_loss, beta=beta),
+                                     torch.cat([ref_chosen[:k], ref_rejected[:k]]), margin=margin[:k],
+                                     average=average, logits=logits, chunk_pairs=1)
+        grads.append(torch.autograd.grad(loss, params))
+    policy.train(was_training)
+    scale = max(g.abs().max().item() for g in grads[1])
+    worst = max((a - b).abs().max().item() for a, b in zip(*grads))
+    if not worst <= 1e-4 * scale:  # fp32 sums in another order: measured 2e-7 to 1.2e-6 of the largest entry
+        raise TrainError(f"gradient check failed: the fused loss's gradients differ from plain autograd's by "
+                         f"{worst:.2e} (largest entry {scale:.2e}) on this batch")
+    msg += ", fused loss == autograd"
     if triton_available(batch["input_ids"].device):
         scored = batch["labels"] != -100
         with torch.no_grad():
@@ -287,23 +306,26 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device, step_log=N
     path = chain.round_path(args.out, n, stage)
     state_path = path.replace(".safetensors", ".state.safetensors")
     beta = args.beta
+    loss_fn = functools.partial(losses.spo_loss, beta=beta)  # E5/E6, applied per chunk of pairs
     lambdas_n = chain.round_lambdas(args, round_chain)
     schedule = step_schedule(len(train_tok), args.batch_size, args.steps, seed=args.seed * 1000 + n)
     # Score only the pairs this round will see; NaN elsewhere would surface any indexing bug.
-    seen = sorted({i for idx in schedule for i in idx})
+    seen = schedule.items_seen()
     frozen = frozen_round_inputs(round_chain, [train_tok[i] for i in seen], args, device)
     ref_chosen, ref_rejected, margin = (None if t is None else
                                         torch.full((len(train_tok),), math.nan).index_copy(0, torch.tensor(seen), t)
                                         for t in frozen)
     policy, _ = chain.load_verified(round_chain[-1], device=device)  # pi_theta starts as pi_{n-1}
     policy.train()
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        policy.compile_trunk()
     ref_model = None
     if args.ref == "live":  # pi_{n-1} kept in memory, scored each step in the same kernel pass
         ref_model, _ = chain.load_verified(round_chain[-1], device=device)
         ref_model.eval().requires_grad_(False)
     opt = AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     settings = runs.round_settings(args, n, stage, lambdas_n, data.fingerprint(train_tok), round_chain[-1]["sha256"])
-    meta = {"kind": "round", "round": n, "ref": args.ref, "parent": os.path.abspath(round_chain[-1]["path"]),
+    meta = {"kind": "round", "round": n, "ref": args.ref, **chain.parent_links(path, round_chain[-1]["path"]),
             **settings}
     start = 0
     if args.resume and os.path.exists(state_path):
@@ -323,26 +345,27 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device, step_log=N
         idx = dist.shard(schedule[step])
         batch = {k: v.to(device) for k, v in data.collate_pairs([train_tok[i] for i in idx]).items()}
         b = len(idx)
+        cached_ref = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device) if ref_model is None else None
+        m = margin[idx].to(device)
         try:
-            with autocast:
-                policy_seq, live_ref = batch_sequence_logps(policy, batch, ref_model, average=args.average_logps,
-                                                            logits=args.logits)
-            finite = torch.isfinite(policy_seq).all()
-        except losses.LossInputError:  # E9 refuses NaN/inf token log-probs
+            with autocast:  # the loss and, on the default path, already its gradients (spo_min/pair_loss.py)
+                loss, policy_seq, ref_seq = batch_pair_loss(policy, batch, loss_fn, cached_ref, ref_model, m,
+                                                            average=args.average_logps, logits=args.logits)
+            finite = torch.isfinite(loss)
+        except losses.LossInputError:  # E9 and the loss refuse NaN/inf log-probs
             finite = torch.tensor(False)
         # Every process must agree to stop, or the others would wait forever in all_reduce.
         if dist.mean(finite) < 1:
             raise TrainError(f"round {n} step {step}: loss is not finite; stopped. The last good "
                              f"state is {state_path if os.path.exists(state_path) else round_chain[-1]['path']} "
                              "(lower --lr or --beta, or use --dtype float32, then --resume)")
-        rc, rr = (live_ref[:b], live_ref[b:]) if live_ref is not None else (ref_chosen[idx], ref_rejected[idx])
-        rc, rr, m = rc.to(device), rr.to(device), margin[idx].to(device)
+        rc, rr = ref_seq[:b], ref_seq[b:]
         if step == start and not args.no_grad_check:
-            dist.print(f"[round {n}] gradient checks: {gradient_checks(policy, batch, rc, rr, m, beta)}")
-        loss, metrics = losses.spo_loss(policy_seq[:b], policy_seq[b:], rc, rr, m, beta)
+            checks = gradient_checks(policy, batch, rc, rr, m, beta, args.average_logps)
+            dist.print(f"[round {n}] gradient checks: {checks}")
+        _, metrics = losses.spo_loss(policy_seq[:b], policy_seq[b:], rc, rr, m, beta)  # for the progress bar
         if step_log is not None:  # E7: each pair's weight sigmoid(M_n - h_theta), before this step's update
-            weights = losses.pair_weights(policy_seq[:b].detach(), policy_seq[b:].detach(), rc, rr, m, beta)
-            step_log.add(loss.detach(), weights, idx)
+            step_log.add(loss.detach(), losses.pair_weights(policy_seq[:b], policy_seq[b:], rc, rr, m, beta), idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.average_gradients(policy)
@@ -472,6 +495,7 @@ def main(argv=None):
     args.all_stages = [m["stage"] for m in branch_chain[1:]] + args.stage if branch_chain else list(args.stage)
     chain.resolve_hyperparameters(args)
     sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
+    chain.check_run_files(args, branch_chain, sources)  # nothing overwritten, no input is an output
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
     # Every --data file is loaded and tokenized before the base SFT: bad data fails in seconds.
@@ -572,10 +596,23 @@ def health_columns(stages):
 USER_ERRORS = (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
                TokenizerError, world_mod.WorldError)
 
-if __name__ == "__main__":
+
+def cli(argv=None):
+    """train.py as a command: a problem the user can fix, and a signal, each end with one line."""
+    runs.stop_on_signals()  # SIGTERM as Ctrl-C: an exception, so nothing is left half-written
+    say = os.environ.get("RANK", "0") == "0"  # under torchrun every process stops alike: say it once
     try:
-        main()
+        main(argv)
     except USER_ERRORS as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+        if say:
             print("error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, however long
         sys.exit(2)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (runs.Interrupted)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        if say:
+            print(runs.interrupted_message(parse_args(argv), signum), file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+
+
+if __name__ == "__main__":
+    cli()

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from kernels.logprobs import HAS_TRITON, _kernels_interpreted, token_logprobs
+from kernels.logprobs import HAS_TRITON, _kernels_interpreted, _triton_installed, token_logprobs
 
 V_GPT2 = 50257
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -247,6 +247,14 @@ def gpu_targets(rows):
     }
 
 
+def write_json(path, result):
+    """A benchmark's results as JSON at `path` (its folder created)."""
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def cpu_name():
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -282,7 +290,7 @@ def main(argv=None):
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else cpu_name()
     print(f"device: {device_name} | torch {torch.__version__} | triton "
-          f"{__import__('triton').__version__ if HAS_TRITON else 'not installed'} | V={args.vocab}")
+          f"{__import__('triton').__version__ if _triton_installed() else 'not installed'} | V={args.vocab}")
 
     rows, copies, checks = [], [], []
     for dtype_name in args.dtypes:
@@ -316,7 +324,7 @@ def main(argv=None):
         "device": device_name,
         "device_type": device.type,
         "torch": torch.__version__,
-        "triton": __import__("triton").__version__ if HAS_TRITON else None,
+        "triton": __import__("triton").__version__ if _triton_installed() else None,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "argv": sys.argv[1:] if argv is None else list(argv),
@@ -329,10 +337,7 @@ def main(argv=None):
         "fused_vs_eager_check": checks,
         "gpu_targets": targets,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out, result)
     return result
 
 

@@ -5,9 +5,15 @@ kernels/logprobs.py turns (N, V) logits into N log-probs without an (N, V) log-s
 logits themselves, and their gradient, are still (N, V) tensors: at N = 16384 scored tokens and
 GPT-2's V = 50257 that is 1.65 GB of bf16 logits per model and as much again for the gradient,
 the biggest tensors of a training step by far. This module never builds them. It walks the N rows
-in chunks of K and holds one chunk of logits, (K, V), at a time. Read it top to bottom: the math,
-the memory arithmetic, the per-chunk pieces (torch, or the Triton kernels of kernels/logprobs.py),
-the autograd wiring, and the entry point `linear_token_logprobs`.
+in chunks of K and holds one chunk of logits, (K, V), at a time. It has two users:
+
+  linear_token_logprobs (below)   scoring without gradients: frozen policies (the round's
+                                  reference cache, the SPO margin), evaluation
+  spo_min/pair_loss.py            training: per chunk of whole preference pairs, the log-probs,
+                                  the loss and its gradient while that chunk's logits are in hand
+
+Read it top to bottom: the math, the memory arithmetic, the per-chunk pieces (torch, or the Triton
+kernels of kernels/logprobs.py) that both users share, and the entry point `linear_token_logprobs`.
 
 The math
 --------
@@ -17,53 +23,37 @@ to the token embedding wte), and labels y (N,):
     logits  x = h W^T                                   (N, V): the thing we never build whole
     logp_i    = x_iy - lse(x_i)                         one number per token (E9 sums them)
 
-The forward walks row chunks c (K rows each): x_c = h_c W^T, then each row's lse and label logit
-(the online max/sum of kernels/logprobs.py), and keeps only lse (N,) for the backward.
+Each chunk c of K rows: x_c = h_c W^T, then each row's lse and label logit (the online max/sum of
+kernels/logprobs.py). Labels of -100 give log-prob 0.
 
-The backward, with g the upstream gradient of each token's log-prob (one number PER TOKEN: the
-loss weights chosen and rejected rows, masks and beta differently; never assume g = 1):
+A gradient, when a caller needs one, comes from the same chunk, with g the upstream gradient of
+each token's log-prob (one number PER TOKEN: the loss weights chosen and rejected rows, masks and
+beta differently; never assume g = 1):
 
-    d loss / d x_i = g_i (onehot(y_i) - exp(x_i - lse_i))        (as in kernels/logprobs.py)
-    d loss / d h_c = (d loss / d x_c) W                         (K, C): each chunk owns its rows
-    d loss / d W   = sum over chunks c of (d loss / d x_c)^T h_c    (V, C): every chunk adds to it
+    d loss / d x_i = g_i (onehot(y_i) - exp(x_i - lse_i))        (chunk_logits_grad_, in place)
+    d loss / d h_c = (d loss / d x_c) W                         (K, C)
+    d loss / d W  += (d loss / d x_c)^T h_c                     (V, C)
 
-so each chunk's logits are computed again from h_c and W, turned into their gradient in place,
-and multiplied out into the two gradients. That recomputation is the price of not keeping the
-logits: one more N x C x V matmul on top of the unfused path's three (forward, d h, d W), so
-where those matmuls dominate (a GPU at GPT-2's sizes) forward+backward takes up to ~4/3 of the
-unfused time. Labels of -100 give log-prob 0 and gradient 0.
-
-GPT-2's W is the token embedding: the embedding's own gradient (from the input lookup) and this
-weight gradient are two contributions to one tensor. Autograd adds them, exactly as for
-model.head = F.linear(h, wte.weight), because W is an ordinary input of the autograd.Function.
+g is known only once the loss has seen the whole sequences the tokens belong to. A backward that
+runs after the forward has dropped the logits would have to compute them again (one more N x C x V
+matmul); spo_min/pair_loss.py avoids that by chunking whole preference pairs and finishing each
+chunk's loss, and so its g, before its logits are dropped.
 
 The memory arithmetic
 ---------------------
 N scored tokens, vocabulary V, width C, chunk K rows, e bytes per logit (2 for bf16, 4 for fp32):
 
                      unfused (model.head + token_logprobs)     chunked (this module)
-    forward          N V e logits per model, the policy's       K V e per model, transient;
-                     kept alive for the backward                keeps lse: 4 N bytes
-    backward         N V e gradient of the logits               K V e (recomputed logits, their
-                                                                gradient written over them),
-                                                                V C 4 fp32 sum of the weight
-                                                                gradient (+ V C e for each
-                                                                chunk's product at bf16)
+    forward          N V e logits per model                     K V e per model, transient
 
-Both paths also return grad_hidden (N C e) and grad_weight (V C, the weight's dtype).
-GPT-2 at N = 16384, V = 50257, C = 768, bf16, K = 512 (the GPU default):
-
-    unfused: 16384 * 50257 * 2 = 1.65 GB of logits + 1.65 GB of gradient = 3.3 GB
-    chunked: 512 * 50257 * 2 = 51 MB of chunk + 154 MB fp32 weight-gradient sum + 77 MB product
-             = 0.28 GB, and no longer growing with N
-
-On the CPU setup of spo_min/bench_train.py (about 480 tokens per step, C = 128, fp32) the unfused
-path's logits are 97 MB per (N, V) tensor, several of them alive at once (logits, log-softmax,
-their gradients); a chunk of CHUNK_ROWS_CPU rows is 13 MB and stays in the 32 MB L3 cache.
+GPT-2 at N = 16384, V = 50257, bf16, K = 512 (the GPU default): 1.65 GB of logits per model
+unfused, 51 MB chunked, whatever N is. On the CPU setup of spo_min/bench_train.py (about 480
+tokens per step, C = 128, fp32) one (N, V) tensor is 97 MB; a chunk of CHUNK_ROWS_CPU rows is 13 MB
+and stays in the 32 MB L3 cache.
 
 Accumulation is fp32 (fp64 when the inputs are fp64, so gradcheck works): lse and the log-probs,
-the softmax of the gradient, and the sum of the weight gradient over chunks. The matmuls run in
-the inputs' dtype (under autocast, in autocast's dtype, as F.linear would).
+and the softmax of a gradient. The matmuls run in the inputs' dtype (under autocast, in autocast's
+dtype, as F.linear would).
 
 Backends: on CUDA (or CPU under TRITON_INTERPRET=1) each chunk's log-probs and its softmax
 gradient come from the Triton kernels of kernels/logprobs.py (the forward reads the policy and
@@ -74,7 +64,6 @@ torch's (cuBLAS / CPU BLAS) in both.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels.logprobs import (
     IGNORE_INDEX,
@@ -84,15 +73,14 @@ from kernels.logprobs import (
     launch_forward,
 )
 
-# Rows of logits per chunk. Bigger chunks make the lm_head matmuls more efficient; smaller ones
-# hold less memory. CPU: 64 rows of V = 50257 fp32 are 13 MB, which fits the 32 MB L3 cache of
-# the 2-core machine while the chunk's lse, softmax gradient and matmuls read it again. Measured
-# there (one thread, CPU time, other jobs sharing the cores), the lm_head + log-probs forward and
-# backward at N = 480, C = 128 took 835 / 755 / 715 / 819 ms in chunks of 32 / 64 / 128 / 256
-# rows (727 ms unfused); whole spo_min/bench_train.py steps took the same time at 64 and 128 rows
-# (974 vs 984 ms) with peak RSS 691 vs 722 MB: 64. GPU: 512 rows keep the (512, 768) x
-# (768, 50257) matmul large enough for the tensor cores (40 GFLOP per chunk) while a bf16 chunk
-# is 51 MB (the memory arithmetic above); not yet measured on a GPU (kernels/gpu_check.sh).
+# Rows of logits per chunk, for scoring without gradients. Bigger chunks make the lm_head matmul
+# more efficient; smaller ones hold less memory. CPU: 64 rows of V = 50257 fp32 are 13 MB, which
+# fits the 32 MB L3 cache of the 2-core machine while the chunk's lse reads it again (chosen when
+# this module also ran a backward, issue 13: forward+backward at N = 480, C = 128 took 835 / 755 /
+# 715 / 819 ms in chunks of 32 / 64 / 128 / 256 rows, one thread, other jobs sharing the cores).
+# GPU: 512 rows keep the (512, 768) x (768, 50257) matmul large enough for the tensor cores
+# (40 GFLOP per chunk) while a bf16 chunk is 51 MB; its forward ran at 1.03x the unfused time on
+# an H200 (README, "GPU figures"). Training chunks whole pairs instead (spo_min/pair_loss.py).
 CHUNK_ROWS_CPU = 64
 CHUNK_ROWS_GPU = 512
 
@@ -102,12 +90,12 @@ CHUNK_ROWS_GPU = 512
 # --------------------------------------------------------------------------------------------
 
 
-def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype F.linear(hidden, weight) would compute the logits in.
 
     Under autocast (train.py --dtype bfloat16) F.linear casts fp32/bf16/fp16 inputs to autocast's
-    dtype. We cast explicitly and switch autocast off inside: the backward runs outside autocast,
-    and it must recompute the very logits whose lse the forward saved.
+    dtype. The chunk loops cast explicitly and switch autocast off inside, so that every matmul of
+    a chunk (logits, and in spo_min/pair_loss.py the two gradients) runs in this one dtype.
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type) and torch.float64 not in (hidden.dtype, weight.dtype):
@@ -115,132 +103,82 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def _accumulation_dtype(matmul_dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(matmul: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 logits, fp64 for fp64 ones (so gradcheck can work)."""
-    return torch.float64 if matmul_dtype == torch.float64 else torch.float32
+    return torch.float64 if matmul == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
-# 2. One chunk: log-probs and lse (forward), the logits' gradient (backward)
+# 2. One chunk: log-probs and lse, and the logits' gradient
 # --------------------------------------------------------------------------------------------
-# Each takes one chunk's (K, V) logits. The torch and Triton versions compute the same numbers;
-# the Triton ones read each logits row once per pass, policy and reference together.
+# Each takes one chunk's (K, V) logits, a buffer the chunk loop owns and overwrites. The torch
+# and Triton versions compute the same numbers in different passes:
+#   Triton  the forward kernel reads the logits once (policy and reference in one pass) and keeps
+#           lse; the backward kernel reads them again and writes the gradient over them.
+#   torch   the forward exponentiates the logits in place (one exp pass, no second (K, V)
+#           buffer: on a CPU every fresh buffer is page faults) and, when a gradient follows,
+#           normalises them to the softmax; the gradient is then one multiply and a scatter.
 
 
-def _chunk_logprobs_torch(logits, labels, acc):
-    """(K, V) logits, (K,) labels -> (K,) log-probs and (K,) lse, in the accumulation dtype."""
-    x = logits.to(acc)  # no copy for fp32 logits; bf16 ones are summed in fp32
-    lse = torch.logsumexp(x, dim=-1)
+def _chunk_logprobs_torch_(logits, labels, acc, softmax):
+    """(K, V) logits -> (K,) log-probs and lse in `acc`. Overwrites the logits: with their softmax
+    if `softmax` (what the gradient needs), else with unnormalised exponentials."""
+    x = logits.to(acc)  # the same memory for fp32/fp64 logits; bf16 ones get an fp32 copy
     ignored = labels == IGNORE_INDEX
     picked = x.gather(1, labels.masked_fill(ignored, 0).unsqueeze(1)).squeeze(1)
+    shift = x.amax(dim=1, keepdim=True)  # the row max: exp never overflows
+    total = x.sub_(shift).exp_().sum(dim=1, keepdim=True)  # x = exp(x - max)
+    if softmax:
+        x.div_(total)
+        if x is not logits:
+            logits.copy_(x)  # bf16: the softmax rounded once, as the Triton backward rounds its output
+    lse = (shift + total.log()).squeeze(1)
     # where, not a multiply by a mask: ignored rows give exactly 0 whatever their logits hold.
     return torch.where(ignored, torch.zeros_like(picked), picked - lse), lse
 
 
-def _chunk_logits_grad_torch_(logits, labels, lse, g):
-    """Overwrite (K, V) logits with g * (onehot(labels) - softmax(logits)); returns that gradient.
+def chunk_token_logprobs(logits, labels, ref_logits=None, use_triton=False, for_gradient=False):
+    """One chunk: (K, V) logits (and the reference's), (K,) labels -> (policy (K,), ref (K,) or None, lse (K,)).
 
-    g is already 0 on ignored rows (see _LinearTokenLogprobs.backward), so their rows are 0.
+    In the accumulation dtype; lse is the policy rows' logsumexp. Consumes the logits buffers;
+    with for_gradient the policy's then hold what chunk_logits_grad_ needs (Triton: the logits;
+    torch: their softmax).
     """
-    grad = logits.to(lse.dtype)  # the same memory for fp32 logits: updated in place below
-    grad.sub_(lse.unsqueeze(1)).exp_()  # softmax = exp(x - lse)
+    acc = accumulation_dtype(logits.dtype)
+    if not use_triton:
+        pol, lse = _chunk_logprobs_torch_(logits, labels, acc, softmax=for_gradient)
+        ref = _chunk_logprobs_torch_(ref_logits, labels, acc, False)[0] if ref_logits is not None else None
+        return pol, ref, lse
+    K = labels.numel()
+    pol = torch.empty(K, dtype=acc, device=logits.device)
+    ref = torch.empty(K, dtype=acc, device=logits.device) if ref_logits is not None else None
+    lse = torch.empty(K, dtype=acc, device=logits.device)
+    launch_forward(logits.unsqueeze(0), labels, ref_logits.unsqueeze(0) if ref_logits is not None else None,
+                   pol, ref, lse)
+    return pol, ref, lse
+
+
+def chunk_logits_grad_(logits, labels, lse, g, use_triton=False):
+    """After chunk_token_logprobs(for_gradient=True): write g * (onehot(labels) - softmax) over the
+    chunk's buffer; return it.
+
+    g: (K,) upstream gradient of each row's log-prob, in lse's dtype; rows labelled -100 get 0.
+    The gradient is in the logits' dtype and in their memory (no second (K, V) buffer).
+    """
+    g = torch.where(labels == IGNORE_INDEX, 0.0, g).contiguous()  # an ignored row's output is a constant
+    if use_triton:
+        launch_backward(g, logits.unsqueeze(0), labels, lse, logits)  # recomputes softmax from lse
+        return logits
+    grad = logits.to(lse.dtype)  # the softmax (chunk_token_logprobs); bf16: an fp32 copy
     grad.mul_(g.neg().unsqueeze(1))  # - g * softmax
-    safe_labels = labels.masked_fill(labels == IGNORE_INDEX, 0)
-    grad.scatter_add_(1, safe_labels.unsqueeze(1), g.unsqueeze(1))  # + g * onehot
-    return grad.to(logits.dtype)
-
-
-def _chunk_logprobs_triton(logits, labels, ref_logits, pol_out, ref_out, lse_out):
-    """The forward kernel on one chunk, both models in one pass; writes into (K,) output views."""
-    ref = ref_logits.unsqueeze(0) if ref_logits is not None else None
-    launch_forward(logits.unsqueeze(0), labels, ref, pol_out, ref_out, lse_out)
-
-
-def _chunk_logits_grad_triton_(logits, labels, lse, g):
-    """The backward kernel on one chunk, writing the gradient over the logits (no second buffer)."""
-    launch_backward(g, logits.unsqueeze(0), labels, lse, logits)
+    grad.scatter_add_(1, labels.masked_fill(labels == IGNORE_INDEX, 0).unsqueeze(1), g.unsqueeze(1))  # + g onehot
+    if grad is not logits:
+        logits.copy_(grad)
     return logits
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Autograd wiring
-# --------------------------------------------------------------------------------------------
-
-
-class _LinearTokenLogprobs(torch.autograd.Function):
-    """Chunked lm_head + log-probs; differentiable in hidden and weight (the policy's) only."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ref_hidden, ref_weight, chunk_size, use_triton):
-        mm = _matmul_dtype(hidden, weight)
-        acc = _accumulation_dtype(mm)
-        N, device = labels.numel(), hidden.device
-        pol_out = torch.empty(N, dtype=acc, device=device)
-        ref_out = torch.empty(N, dtype=acc, device=device) if ref_hidden is not None else None
-        lse = torch.empty(N, dtype=acc, device=device)  # all the backward keeps besides the inputs
-
-        with torch.autocast(device.type, enabled=False):
-            h, w = hidden.to(mm), weight.to(mm)
-            ref_h = ref_hidden.to(mm) if ref_hidden is not None else None
-            ref_w = ref_weight.to(mm) if ref_hidden is not None else None
-            for start in range(0, N, chunk_size):
-                rows = slice(start, start + chunk_size)
-                logits = F.linear(h[rows], w)  # (K, V): the only logits alive, per model
-                ref_logits = F.linear(ref_h[rows], ref_w) if ref_h is not None else None
-                if use_triton:
-                    _chunk_logprobs_triton(logits, labels[rows], ref_logits, pol_out[rows],
-                                           ref_out[rows] if ref_out is not None else None, lse[rows])
-                else:
-                    pol_out[rows], lse[rows] = _chunk_logprobs_torch(logits, labels[rows], acc)
-                    if ref_logits is not None:
-                        ref_out[rows], _ = _chunk_logprobs_torch(ref_logits, labels[rows], acc)
-                del logits, ref_logits  # free this chunk before the next one is computed
-
-        ctx.save_for_backward(hidden, weight, labels, lse)  # inputs (no copies) and (N,) lse
-        ctx.chunk_size, ctx.use_triton, ctx.matmul_dtype = chunk_size, use_triton, mm
-        if ref_out is None:
-            return pol_out, None
-        ctx.mark_non_differentiable(ref_out)  # the reference model is frozen: no gradient
-        return pol_out, ref_out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_pol, grad_ref):
-        hidden, weight, labels, lse = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        K, mm, acc = ctx.chunk_size, ctx.matmul_dtype, lse.dtype
-        # g is read per token, never folded into the forward (kernels/logprobs.py explains why).
-        # An ignored token's output is the constant 0: its g is 0, so its whole gradient row is.
-        g = torch.where(labels == IGNORE_INDEX, 0.0, grad_pol.reshape(-1).to(acc)).contiguous()
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # The weight gradient is a sum over every chunk: kept in fp32 (fp64) whatever mm is.
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
-
-        with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(mm), weight.to(mm)
-            for start in range(0, labels.numel(), K):
-                rows = slice(start, start + K)
-                logits = F.linear(h[rows], w)  # recomputed: the forward kept only lse
-                grad_fn = _chunk_logits_grad_triton_ if ctx.use_triton else _chunk_logits_grad_torch_
-                dlogits = grad_fn(logits, labels[rows], lse[rows], g[rows])  # (K, V), mm dtype
-                if need_hidden:
-                    grad_hidden[rows] = dlogits @ w  # (K, V) x (V, C): this chunk's rows only
-                if need_weight:
-                    if grad_weight.dtype == mm:
-                        grad_weight.addmm_(dlogits.t(), h[rows])  # += (V, K) x (K, C), in place
-                    else:
-                        # bf16/fp16: the product is summed in fp32 inside the matmul and rounded
-                        # once to bf16 (a (V, C) temporary); the sum over chunks stays fp32.
-                        grad_weight += dlogits.t() @ h[rows]
-                del logits, dlogits
-
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)  # no copy when the dtypes already agree
-        return grad_hidden, grad_weight, None, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# 4. Input checks and the public entry point
+# 3. Input checks and the public entry point
 # --------------------------------------------------------------------------------------------
 
 
@@ -312,29 +250,52 @@ def linear_token_logprobs(
     """Log-probability of each label under the policy (and the reference), from hidden states.
 
     Equal to token_logprobs(F.linear(hidden, weight), labels, F.linear(ref_hidden, ref_weight))
-    without ever holding more than chunk_size rows of logits.
+    without ever holding more than chunk_size rows of logits. No gradient: this scores frozen
+    models (the reference cache, the SPO margin, evaluation). Training goes through
+    spo_min/pair_loss.py, which needs no recomputed logits.
 
     hidden:      (..., C) final hidden states (after ln_f) of the positions to score.
-    weight:      (V, C) lm_head weight (GPT-2: the token embedding; its gradient adds into it).
+    weight:      (V, C) lm_head weight (GPT-2: the token embedding).
     labels:      (...) integer tensor; labels[i] is the token hidden[i] predicts, -100 = ignore.
-    ref_hidden, ref_weight: optional, the frozen reference model's (same shapes); no gradient.
+    ref_hidden, ref_weight: optional, a second model's (same shapes), scored in the same pass.
     chunk_size:  rows of logits per chunk (default: CHUNK_ROWS_GPU on CUDA, CHUNK_ROWS_CPU else).
     backend:     "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch), "triton", "torch":
-                 who computes each chunk's log-probs and softmax gradient (the matmuls are torch's).
+                 who computes each chunk's log-probs (the matmuls are torch's).
 
     Returns (policy_logp, ref_logp or None) with the labels' shape, in fp32 (fp64 for fp64
-    inputs). Differentiable in hidden and weight; ignored positions are 0 with zero gradient.
+    inputs). Ignored positions are 0.
     """
     _check_inputs(hidden, weight, labels, ref_hidden, ref_weight)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise TokenLogprobsError(
+            "kernels/linear_logprobs.py linear_token_logprobs scores without gradients (frozen models, "
+            "evaluation): call it under torch.no_grad(), or train through spo_min/pair_loss.py "
+            "(fused_pair_loss), or use the full logits (model.head, then token_logprobs)"
+        )
     chunk_size = default_chunk_size(hidden.device) if chunk_size is None else chunk_size
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise TokenLogprobsError(f"kernels/linear_logprobs.py: chunk_size must be a positive int, got {chunk_size!r}")
     use_triton = _use_triton(backend, hidden.device)
-    C = hidden.shape[-1]
+    C, N = hidden.shape[-1], labels.numel()
+    mm = matmul_dtype(hidden, weight)
+    acc = accumulation_dtype(mm)
     flat_labels = labels.reshape(-1).to(torch.int64)  # (N,): small, copying is fine
-    flat_ref = ref_hidden.detach().reshape(-1, C) if ref_hidden is not None else None
-    ref_w = ref_weight.detach() if ref_weight is not None else None
-    pol, ref = _LinearTokenLogprobs.apply(
-        hidden.reshape(-1, C), weight, flat_labels, flat_ref, ref_w, chunk_size, use_triton
-    )
+    pol = torch.empty(N, dtype=acc, device=hidden.device)
+    ref = torch.empty(N, dtype=acc, device=hidden.device) if ref_hidden is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.reshape(-1, C).to(mm), weight.to(mm)
+        ref_h = ref_hidden.reshape(-1, C).to(mm) if ref_hidden is not None else None
+        ref_w = ref_weight.to(mm) if ref_hidden is not None else None
+        # One (K, V) buffer per model, reused by every chunk: the only logits alive.
+        buffer = torch.empty((min(chunk_size, N), w.shape[0]), dtype=mm, device=hidden.device)
+        ref_buffer = torch.empty_like(buffer) if ref_h is not None else None
+        for start in range(0, N, chunk_size):
+            rows = slice(start, start + chunk_size)
+            n = min(chunk_size, N - start)
+            logits = torch.mm(h[rows], w.t(), out=buffer[:n])  # = F.linear(h[rows], w)
+            ref_logits = torch.mm(ref_h[rows], ref_w.t(), out=ref_buffer[:n]) if ref_h is not None else None
+            pol_rows, ref_rows, _ = chunk_token_logprobs(logits, flat_labels[rows], ref_logits, use_triton)
+            pol[rows] = pol_rows
+            if ref is not None:
+                ref[rows] = ref_rows
     return pol.view(labels.shape), (ref.view(labels.shape) if ref is not None else None)

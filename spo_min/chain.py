@@ -17,12 +17,12 @@ import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata
+from spo_min.checkpoint import CheckpointError, atomic_write, load_model, read_metadata, write_safetensors
 from spo_min import data
 from spo_min.optim import AdamW
-from spo_min.runs import check_finite, compare_settings, round_settings
+from spo_min.runs import check_finite, check_metrics, check_outputs, compare_settings, round_settings
 
 
 class ChainError(CheckpointError):
@@ -31,6 +31,69 @@ class ChainError(CheckpointError):
 
 def round_path(out_dir, n, stage):
     return os.path.join(out_dir, f"round{n}_{stage}.safetensors")
+
+
+def state_path(round_checkpoint):
+    """The resumable mid-round state that sits beside a round's checkpoint until it is finished."""
+    return round_checkpoint.replace(".safetensors", ".state.safetensors")
+
+
+def run_outputs(args):
+    """{path: what it is} for every file this run may write in --out (runs.check_outputs)."""
+    outputs = {}
+    if not (args.init or args.branch):
+        outputs[os.path.join(args.out, "base.safetensors")] = "the SFT base"
+    for n, stage in enumerate(args.stage, start=first_round(args)):
+        path = round_path(args.out, n, stage)
+        outputs[path] = f"the round {n} checkpoint"
+        outputs[state_path(path)] = f"the unfinished round {n} state"
+    outputs[os.path.join(args.out, "metrics.jsonl")] = "the metrics file"
+    outputs[os.path.join(args.out, "steps.jsonl")] = "the per-step record"
+    outputs[os.path.join(args.out, "scores.png")] = "the plot"
+    return outputs
+
+
+def run_inputs(args, branch_chain, sources):
+    """[(flag, path)] for every file this run reads: --init, the --branch chain, the --data files."""
+    inputs = [("--init", args.init)] if args.init else []
+    inputs += [("--branch", link["path"]) for link in branch_chain or []]
+    inputs += [("--data", source[0]) for source in sources.values() if source != "world"]
+    return inputs
+
+
+def check_run_files(args, branch_chain, sources):
+    """runs.check_outputs for this run; with --resume, also that metrics.jsonl and steps.jsonl can be appended to."""
+    base = os.path.join(args.out, "base.safetensors")  # reused when its settings match (check_base)
+    check_outputs(run_outputs(args), run_inputs(args, branch_chain, sources), args.resume, bool(args.branch),
+                  reusable={base})
+    if args.resume:
+        for name in ("metrics.jsonl", "steps.jsonl"):  # both are appended to
+            check_metrics(os.path.join(args.out, name))
+
+
+def parent_links(child, parent):
+    """How a round's checkpoint names its parent (parent_sha256, beside it, says which file it is).
+
+    "parent": the path relative to the checkpoint's own folder, so a folder moved or copied with
+    its chain still verifies. A parent outside that folder (an --init, a --branch source) may not
+    move with it, so it is also named by "parent_abspath". Within one folder no absolute path is
+    recorded: the same run gives the same bytes wherever --out is.
+    """
+    relative = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
+    if os.path.dirname(relative):  # outside the child's folder
+        return {"parent": relative, "parent_abspath": os.path.abspath(parent)}
+    return {"parent": relative}
+
+
+def parent_path(child, recorded):
+    """The parent file a checkpoint names (relative to its folder; older files recorded it absolute)."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(child)), recorded))
+
+
+def parent_candidates(child, meta):
+    """Where checkpoint `child`'s parent may be: its relative link first, then its absolute one."""
+    candidates = [parent_path(child, meta["parent"])] if meta.get("parent") else []
+    return candidates + ([meta["parent_abspath"]] if meta.get("parent_abspath") else [])
 
 
 def file_sha256(path):
@@ -110,18 +173,23 @@ def resolve_hyperparameters(args):
 def rebuild_chain(path):
     """The chain pi_0..pi_k that ends at checkpoint `path`, from the files' own metadata.
 
-    Each round records its parent's path and sha256; every link is checked, so a chain whose
-    files were replaced or edited since is refused rather than silently mixed.
+    Each round records where its parent is (parent_links) and its sha256. A link holds if one of
+    those places has a file with that sha256, so a chain whose files were replaced or edited
+    since is refused rather than silently mixed.
     """
     if not os.path.isfile(path):
         raise ChainError(f"--branch {path}: no such file (give a round checkpoint, e.g. out/round1_helpful.safetensors)")
     links = [{"path": os.path.abspath(path), **read_metadata(path)}]
     while links[0].get("kind") == "round":
-        parent, sha = links[0].get("parent"), links[0].get("parent_sha256")
-        if not parent or not os.path.isfile(parent):
-            raise ChainError(f"{links[0]['path']}: its parent checkpoint {parent} is missing; restore it to branch from here")
-        if file_sha256(parent) != sha:
-            raise ChainError(f"{links[0]['path']}: its parent {parent} has changed since (sha256 differs); "
+        child, sha = links[0]["path"], links[0].get("parent_sha256")
+        found = [p for p in parent_candidates(child, links[0]) if os.path.isfile(p)]
+        if not found:
+            named = " or ".join(repr(links[0][k]) for k in ("parent", "parent_abspath") if links[0].get(k))
+            raise ChainError(f"{child}: its parent checkpoint {named or '(none recorded)'} is missing (a relative "
+                             "path is from this file's folder); restore it to branch from here")
+        parent = next((p for p in found if file_sha256(p) == sha), None)
+        if parent is None:
+            raise ChainError(f"{child}: its parent {found[0]} has changed since (sha256 differs); "
                              "restore the original file to branch from here")
         links.insert(0, {"path": parent, **read_metadata(parent)})
     if [m.get("round", 0) for m in links] != list(range(len(links))):
@@ -139,7 +207,7 @@ def check_chain_complete(out_dir, stages):
                 earlier = round_path(out_dir, k, stages[k - 1])
                 if not os.path.exists(earlier):
                     raise ChainError(f"cannot resume round {n}: it needs the earlier checkpoint {earlier}, "
-                                     "which is missing. Restore it, or run without --resume to start over")
+                                     "which is missing. Restore it, or use another --out to start over")
             return
 
 
@@ -214,7 +282,7 @@ def save_train_state(path, model, optimizer, step, meta):
                 tensors[f"optim.{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().clone().reshape(-1)
     header = {"spo_min.train_state": json.dumps({"step": step, **meta})}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), nbytes)
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, header), nbytes)
 
 
 ADAMW_SLOTS = ("step", "exp_avg", "exp_avg_sq")

@@ -19,6 +19,7 @@ Their config is inferred from tensor shapes, except n_head, which no shape revea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,9 +31,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from spo_min.model import GPT, GPTConfig, ModelError
+from spo_min.tokenizer import VOCAB_SIZE
 
 FORMAT_TAG = "spo-min-gpt2/1"
 LAYOUTS = ("spo", "hf")
@@ -45,6 +46,8 @@ _CONV1D = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)
 # HF GPT-2 files may carry the causal mask as buffers: constants, not weights (often uint8/bool).
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_TAG = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 
 
@@ -87,6 +90,32 @@ def atomic_write(path, write_fn, nbytes: int | None = None) -> None:
         os.close(folder)
 
 
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file (the format at the top of this module) in a fixed byte order.
+
+    safetensors.torch.save_file keeps "__metadata__" in a hash map whose order changes from
+    process to process, so the same weights gave files with different sha256 (and it created
+    them with mode 0600). Here the same tensors and metadata always give the same bytes:
+    metadata keys in the caller's order, tensors by decreasing item size then name (as
+    safetensors does: every tensor stays aligned), the header padded with spaces to 8 bytes.
+    The file is created with open(), so it honours the umask like any other file.
+    """
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = ({"__metadata__": dict(metadata)} if metadata else {}), 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_TAG[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:  # little-endian raw bytes, as the tensor holds them (x86, ARM)
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "spo") -> None:
     """Write model's weights, config and metadata (JSON-serialisable dict) to path, atomically.
 
@@ -124,7 +153,7 @@ def save_model(model: GPT, path, metadata: dict | None = None, layout: str = "sp
         _KEY_METADATA: metadata_json,
     }
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), nbytes)
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, header), nbytes)
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -143,14 +172,18 @@ def read_header(path) -> tuple[dict, dict]:
         f"{path}: not a safetensors file (a safetensors file starts with an 8-byte header length "
         "and a JSON header). Convert PyTorch .bin/.pt checkpoints with safetensors.torch.save_file."
     )
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{not_safetensors} The file has only {size} bytes.")
-        n = int.from_bytes(head, "little")
-        if n > _MAX_HEADER_BYTES:
-            raise CheckpointError(not_safetensors)
-        raw = f.read(n)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{not_safetensors} The file has only {size} bytes.")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER_BYTES:
+                raise CheckpointError(not_safetensors)
+            raw = f.read(n)
+    except OSError as err:  # no read permission, an I/O error
+        raise CheckpointError(f"{path}: cannot read it ({err.strerror or err}); make it readable "
+                              f"(e.g. chmod a+r {path})") from None
     if not raw.startswith(b"{"):
         raise CheckpointError(not_safetensors)
     if len(raw) < n:
@@ -250,6 +283,17 @@ def _read_hf_config(path: Path, inferred: dict) -> dict:
         raise CheckpointError(f"{config_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"{config_path}: activation_function {hf['activation_function']!r} is not GPT-2's tanh GELU")
+    # Types and ranges first: "n_embd": "32" is a string, not the 32 the weights have.
+    is_number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for key in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"):
+        value = hf.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise CheckpointError(f"{config_path}: {key} is {type(value).__name__} {value!r}; expected a positive "
+                                  "integer: fix config.json")
+    eps = hf.get("layer_norm_epsilon")
+    if eps is not None and not (is_number(eps) and math.isfinite(eps) and eps > 0):
+        raise CheckpointError(f"{config_path}: layer_norm_epsilon is {type(eps).__name__} {eps!r}; expected a "
+                              "positive number (GPT-2's is 1e-05): fix config.json")
     for hf_key, ours in (("n_embd", "n_embd"), ("n_layer", "n_layer"), ("vocab_size", "vocab_size"), ("n_positions", "block_size")):
         if hf_key in hf and hf[hf_key] != inferred[ours]:
             raise CheckpointError(
@@ -346,13 +390,15 @@ def _open(path, n_head: int | None):
     return infos, layout, metadata, prefix, names, stray, config
 
 
-def load_model(path, device="cpu", n_head: int | None = None, dtype: torch.dtype | None = torch.float32):
+def load_model(path, device="cpu", n_head: int | None = None, dtype: torch.dtype | None = torch.float32,
+               vocab_size: int | None = VOCAB_SIZE):
     """Read a checkpoint written by save_model, or a Hugging Face GPT-2 safetensors file.
 
     Returns (model in eval mode on device, metadata dict as given to save_model; {} for HF
     files). n_head overrides the recorded/inferred head count. Weights are cast to dtype
-    (float32 by default; None keeps the stored dtype). Raises CheckpointError naming the file,
-    the key, and what was expected vs found.
+    (float32 by default; None keeps the stored dtype). A padded vocabulary (more token rows
+    than vocab_size, GPT-2's 50257 by default; None keeps them all) is cut to vocab_size, see
+    step 5. Raises CheckpointError naming the file, the key, and what was expected vs found.
     """
     path = Path(path)
     # 1-2. Key names and config, from the header alone.
@@ -402,5 +448,14 @@ def load_model(path, device="cpu", n_head: int | None = None, dtype: torch.dtype
                 f"{path}: key 'lm_head.weight' differs from '{names['wte.weight']}'; spo-min ties the "
                 "output head to the token embedding, so an untied head cannot be loaded"
             )
+    # 5. A padded vocabulary: nanoGPT-style checkpoints round GPT-2's 50257 tokens up to 50304
+    #    (a multiple of 64, for faster matmuls). The extra rows are no token's. Kept, they could be
+    #    sampled (an id the tokenizer cannot decode) and their mass would sit in every softmax.
+    #    Cut, every real token's logit is unchanged: the padding is never sampled, never scored.
+    if vocab_size is not None and config.vocab_size > vocab_size:
+        state["wte.weight"] = state["wte.weight"][:vocab_size].clone()
+        config = dataclasses.replace(config, vocab_size=vocab_size)
+        with torch.device("meta"):
+            model = GPT(config)
     model.load_state_dict({"transformer." + k: v for k, v in state.items()}, strict=True, assign=True)
     return model.to(device).eval(), metadata

@@ -339,13 +339,8 @@ def main(argv=None):
     t0 = time.time()
     beta = float(study.train_module().parse_args(common_train_args(args)).beta)  # beta_1 = beta_2
     jobs = build_jobs(args, alphas, beta)
-    done = {}
-    if not args.report_only:
-        study.fresh_out(args.out)
-        print(f"[compare] seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, alphas {alphas}: {len(jobs)} "
-              f"train.py runs, {args.jobs} in parallel; logs in {args.out}/logs", flush=True)
-        done = study.run_jobs(jobs, args.jobs)
-    results = study.load_runs(jobs, done)
+    results = study.run_or_load(args, jobs, f"compare: seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, "
+                                            f"alphas {alphas}")
     records = build_records(args, jobs, results, alphas)
     comparisons = summarise(records, alphas)
     wall = time.time() - t0

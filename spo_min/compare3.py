@@ -244,13 +244,8 @@ def run(args):
     t0 = time.time()
     common = study.common_train_args(args.quick, args.samples, args.train_args)
     jobs = build_jobs(args, alphas, common)
-    done = {}
-    if not args.report_only:
-        study.fresh_out(args.out)
-        print(f"[compare] n = 3: seeds {args.first_seed}..{args.first_seed + args.seeds - 1}, {len(jobs)} train.py "
-              f"runs, {args.jobs} in parallel; logs in {args.out}/logs", flush=True)
-        done = study.run_jobs(jobs, args.jobs)
-    results = study.load_runs(jobs, done)
+    results = study.run_or_load(args, jobs, f"compare, round 3: seeds {args.first_seed}.."
+                                            f"{args.first_seed + args.seeds - 1}, alphas_3 {alphas}")
     records = build_records(args, jobs, results)
     comparisons = summarise(records)
     wall = time.time() - t0

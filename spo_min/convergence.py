@@ -228,13 +228,7 @@ def main(argv=None):
     t0 = time.time()
     beta = float(study.train_module().parse_args(common_train_args(args)).beta)
     jobs = build_jobs(args, lrs, beta)
-    done = {}
-    if not args.report_only:
-        study.fresh_out(args.out)
-        print(f"[convergence] {len(jobs)} train.py runs ({args.steps} steps a round, trace every "
-              f"{args.trace_every}), {args.jobs} in parallel; logs in {args.out}/logs", flush=True)
-        done = study.run_jobs(jobs, args.jobs)
-    results = study.load_runs(jobs, done)
+    results = study.run_or_load(args, jobs, f"convergence: {args.steps} steps a round, trace every {args.trace_every}")
     curves = build_curves(args, jobs, results, beta)
     rows, gaps = summarise(curves)
     wall = time.time() - t0

@@ -41,6 +41,10 @@ EXPECTED = {
     "generic": 'an object {"prompt": str, "chosen": str, "rejected": str}',
 }
 PKU_LABEL = {"helpful": "better_response_id", "harmless": "safer_response_id"}
+# The way past a bad row or an unlabelled PKU file, from Python (train.py says it with its flags).
+SKIP_BAD_HINT = "or pass skip_bad=True to skip and count bad rows"
+DIMENSION_HINT = f"pass dimension= one of {DIMENSIONS}"
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DataError(ValueError):
@@ -87,12 +91,14 @@ class _BadRow(Exception):
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of a .jsonl or .jsonl.gz file; decoding happens per line so a
-    non-UTF-8 byte is reported with its line number."""
-    opener = gzip.open if path.endswith(".gz") else open
+    non-UTF-8 byte is reported with its line number. Gzip is told by the suffix or by the
+    file's first two bytes, peeked without a second read, so a pipe (<(cat pairs.jsonl.gz)) works."""
     try:
-        with opener(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                yield number, raw
+        with open(path, "rb") as raw_file:
+            is_gzip = path.endswith(".gz") or raw_file.peek(2)[:2] == GZIP_MAGIC
+            with (gzip.GzipFile(fileobj=raw_file) if is_gzip else raw_file) as f:
+                for number, raw in enumerate(f, start=1):
+                    yield number, raw
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # BadGzipFile is an OSError: first
         raise DataError(f"{path}: not a readable gzip file ({err}); expected gzip-compressed JSON lines") from None
     except OSError as err:
@@ -171,8 +177,10 @@ def load_pairs(path, fmt: str = "auto", dimension: str | None = None,
     if dimension is not None and dimension not in DIMENSIONS:
         raise DataError(f"{path}: unknown dimension '{dimension}'; expected one of {DIMENSIONS}")
     if fmt == "pku" and dimension is None:
-        raise DataError(f"{path}: PKU-SafeRLHF rows label two dimensions; pass dimension= one of {DIMENSIONS}")
-    if not os.path.isfile(path):
+        raise DataError(f"{path}: PKU-SafeRLHF rows label two dimensions; {DIMENSION_HINT}")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder; expected a .jsonl or .jsonl.gz file of preference pairs")
+    if not os.path.exists(path):  # not isfile: a pipe is read once, like a file
         raise DataError(f"{path}: no such file; expected a .jsonl or .jsonl.gz file of preference pairs")
     report = LoadReport(path, fmt, dimension)
     pairs: list[PreferencePair] = []
@@ -204,7 +212,7 @@ def load_pairs(path, fmt: str = "auto", dimension: str | None = None,
                                     "or pass fmt=")
                 if sniffed == "pku" and dimension is None:
                     raise DataError(f"{path}: looks like PKU-SafeRLHF, whose rows label two dimensions; "
-                                    f"pass dimension= one of {DIMENSIONS}")
+                                    f"{DIMENSION_HINT}")
                 report.fmt = sniffed
             if report.fmt == "hh":
                 result = _parse_hh(row)
@@ -215,7 +223,7 @@ def load_pairs(path, fmt: str = "auto", dimension: str | None = None,
         except _BadRow as bad:
             message = f"{path}:{number}: {bad}"
             if not skip_bad:
-                raise DataError(message + " (fix the row, or pass skip_bad=True to skip and count bad rows)") from None
+                raise DataError(f"{message} (fix the row, {SKIP_BAD_HINT})") from None
             report.skipped[bad.reason] += 1
             if len(report.examples) < 5:
                 report.examples.append(message)

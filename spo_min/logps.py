@@ -1,16 +1,21 @@
-"""Sequence log-probabilities of a batch under a model (the data path of design.md, end to end).
+"""Sequence log-probabilities of a batch under a model, and the training loss of a batch of pairs
+(the data path of design.md, end to end).
 
     input_ids, labels (already shifted, -100 = not scored)
       -> final hidden states of the GPT
       -> hidden states ONLY at scored positions (response tokens): prompt and padding positions
          would be projected onto the vocabulary just to be thrown away
       -> per-token log-probs of the labels, one of two ways (`logits=`):
-         "chunked" (default) kernels/linear_logprobs.py: lm_head and log-probs fused, a chunk of
-                   rows at a time, so the (N, V) logits (the biggest tensors of a step) never exist
-         "full"    model.head -> (N, V) logits -> kernels/logprobs.py: the plain path, kept for
-                   teaching and comparison (spo_min/bench_train.py runs both side by side)
-         either way the policy and, with --ref live, the reference are scored in one call
-      -> sequence log-probs, E9 (spo_min/losses.py)
+         "chunked" (default) the (N, V) logits (the biggest tensors of a step) never exist:
+                   training: spo_min/pair_loss.py, the lm_head, log-probs AND loss fused per
+                   chunk of pairs, each gradient computed while its logits are in hand
+                   (`batch_pair_loss`); scoring without gradients: kernels/linear_logprobs.py,
+                   a chunk of rows at a time (`batch_sequence_logps`)
+         "full"    model.head -> (N, V) logits -> kernels/logprobs.py, then plain autograd: the
+                   path kept for teaching and comparison (spo_min/bench_train.py runs both
+                   side by side)
+         either way the policy and, with --ref live, the reference are scored in one pass
+      -> sequence log-probs, E9, and the loss, E5/E6 (spo_min/losses.py)
 
 `frozen_sequence_logps` runs a frozen policy over a whole list of pairs once, in a fixed order
 and without touching any RNG: that is the per-round reference cache.
@@ -26,7 +31,8 @@ import torch
 from kernels.linear_logprobs import linear_token_logprobs
 from kernels.logprobs import token_logprobs
 from spo_min.data import collate_pairs
-from spo_min.losses import sequence_logps
+from spo_min.losses import scored_sequence_logps
+from spo_min.pair_loss import fused_pair_loss
 
 
 LOGITS_PATHS = ("chunked", "full")
@@ -39,7 +45,8 @@ def _scored_hidden(model, input_ids, scored):
 def batch_sequence_logps(model, batch, ref_model=None, average=False, backend="auto", logits="chunked"):
     """Sequence log-probs (E9) of every row of `batch` under `model` (and `ref_model`).
 
-    logits: "chunked" (never builds the (N, V) logits) or "full" (model.head, then log-probs).
+    logits: "chunked" (never builds the (N, V) logits; no gradient: call it under torch.no_grad)
+    or "full" (model.head, then log-probs; differentiable). Training uses batch_pair_loss.
     Returns (policy (2B,), reference (2B,) or None). Gradients flow into `model` only.
     """
     if logits not in LOGITS_PATHS:
@@ -52,7 +59,7 @@ def batch_sequence_logps(model, batch, ref_model=None, average=False, backend="a
         with torch.no_grad():
             ref_hidden = _scored_hidden(ref_model, input_ids, scored)
     if logits == "chunked":
-        # GPT-2's lm_head is the token embedding (model.head): its gradient adds into wte.
+        # GPT-2's lm_head is the token embedding (model.head).
         ref_weight = ref_model.transformer.wte.weight if ref_model is not None else None
         policy_tok, ref_tok = linear_token_logprobs(hidden, model.transformer.wte.weight, labels[scored],
                                                     ref_hidden, ref_weight, backend=backend)
@@ -61,14 +68,43 @@ def batch_sequence_logps(model, batch, ref_model=None, average=False, backend="a
             ref_logits = ref_model.head(ref_hidden) if ref_model is not None else None
         # One kernel pass reads the policy and reference logits of each scored token.
         policy_tok, ref_tok = token_logprobs(model.head(hidden), labels[scored], ref_logits, backend=backend)
+    policy = scored_sequence_logps(policy_tok, labels, average=average)
+    return policy, (None if ref_tok is None else scored_sequence_logps(ref_tok, labels, average=average))
 
-    def to_sequences(token_lp):
-        # Put the per-token values back at their (row, position) so E9 is applied in one place.
-        full = torch.zeros(labels.shape, dtype=token_lp.dtype, device=token_lp.device)
-        full = full.masked_scatter(scored, token_lp)
-        return sequence_logps(full, labels, average=average)
 
-    return to_sequences(policy_tok), (None if ref_tok is None else to_sequences(ref_tok))
+def batch_pair_loss(model, batch, loss_fn, ref_logps=None, ref_model=None, margin=0.0, average=False,
+                    logits="chunked", chunk_pairs=None, divisor=None, backend="auto"):
+    """The training loss of a batch of pairs, ready for .backward(): (loss, policy (2B,), reference (2B,)).
+
+    loss_fn:   losses.spo_loss with its beta bound (functools.partial(losses.spo_loss, beta=beta)).
+    ref_logps: (2B,) cached reference log-probs (chosen rows, then rejected), or ref_model: the
+               reference scored at this step (--ref live).
+    margin:    (B,) the frozen SPO margin M_n, or a number (0: DPO).
+    logits:    "chunked": spo_min/pair_loss.py, the loss fused per chunk of `chunk_pairs` pairs;
+               "full": model.head, token_logprobs, the loss on the whole batch, plain autograd.
+    divisor:   the loss is the sum of per-pair losses over `divisor` (default: the batch's pairs).
+    The sequence log-probs come back detached, for metrics and the finite check.
+    """
+    if logits not in LOGITS_PATHS:
+        raise ValueError(f"logits must be one of {LOGITS_PATHS}, got {logits!r}")
+    B = batch["labels"].shape[0] // 2
+    divisor = B if divisor is None else divisor
+    if logits == "full":
+        policy, live_ref = batch_sequence_logps(model, batch, ref_model, average, backend, logits="full")
+        ref = live_ref if ref_model is not None else ref_logps
+        loss, _ = loss_fn(policy[:B], policy[B:], ref[:B], ref[B:], margin, reduction="sum")
+        return loss / divisor, policy.detach(), ref
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    scored = labels != -100
+    hidden = _scored_hidden(model, input_ids, scored)
+    ref_hidden = ref_weight = None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_hidden = _scored_hidden(ref_model, input_ids, scored)
+        ref_weight = ref_model.transformer.wte.weight
+    # GPT-2's lm_head is the token embedding: its gradient adds into wte's, as for model.head.
+    return fused_pair_loss(hidden, model.transformer.wte.weight, labels, loss_fn, ref_logps, ref_hidden, ref_weight,
+                           margin, chunk_pairs, divisor, average, backend)
 
 
 @torch.no_grad()

@@ -103,6 +103,18 @@ def sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, average: boo
     return logps
 
 
+def scored_sequence_logps(scored_token_logps: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """E9 from the log-probs of the scored tokens alone -> (B,).
+
+    scored_token_logps: (N,) one value per position whose label is not IGNORE_INDEX, in row-major
+    order of labels (B, T) (what `token_logps[labels != IGNORE_INDEX]` lists). They are put back at
+    their (row, position), so that sequence_logps applies E9 in one place.
+    """
+    scored = labels != IGNORE_INDEX
+    full = torch.zeros(labels.shape, dtype=scored_token_logps.dtype, device=scored_token_logps.device)
+    return sequence_logps(full.masked_scatter(scored, scored_token_logps), labels, average=average)
+
+
 def implicit_to_true_reward_matrix(lambdas: list[list[float]]) -> torch.Tensor:
     """E4: the lower-triangular (K, K) matrix A with Delta R_k = sum_{j<=k} A_kj Delta r_j.
 
@@ -200,10 +212,12 @@ def spo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin, b
     margin: the frozen M_n of spo_margin (a (B,) tensor or a number). margin = 0 is exactly DPO
     with pi_{n-1} as the reference ("sequential DPO", the alpha = 0 baseline of E5).
     Gradients flow into the policy log-probs only; ref and margin are treated as constants.
-    reduction: "mean" (a scalar loss) or "none" (one loss per pair, e.g. for expected losses).
+    reduction: "mean" (a scalar loss), "sum" (a scalar: the sum of the per-pair losses; the fused
+    path of spo_min/pair_loss.py sums chunks of a batch and divides by the batch's pair count) or
+    "none" (one loss per pair, e.g. for expected losses).
     """
-    if reduction not in ("mean", "none"):
-        raise HyperparameterError(f"reduction = {reduction!r}: use 'mean' or 'none'")
+    if reduction not in ("mean", "sum", "none"):
+        raise HyperparameterError(f"reduction = {reduction!r}: use 'mean', 'sum' or 'none'")
     chosen_r, rejected_r, margin = _implicit_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin, beta)
     h = chosen_r - rejected_r  # E6/E7: h_theta = beta_n Delta log(pi_theta / pi_{n-1})
     # E6: the Bradley-Terry NLL. logsigmoid, never log(sigmoid(z)): exact for large |z|.
@@ -220,7 +234,9 @@ def spo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, margin, b
             "spo/pair_weight": torch.sigmoid(margin - h).mean(),  # E7
         }
     metrics = {k: v.detach() for k, v in metrics.items()}
-    return (losses.mean() if reduction == "mean" else losses), metrics
+    if reduction == "none":
+        return losses, metrics
+    return (losses.mean() if reduction == "mean" else losses.sum()), metrics
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):

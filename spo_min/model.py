@@ -47,8 +47,15 @@ class GPTConfig:
                 raise ModelError(f"GPTConfig.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ModelError(f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ModelError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        is_number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ModelError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        # LayerNorm divides by sqrt(var + eps): a negative eps gives NaN on a constant input.
+        eps = self.layer_norm_epsilon
+        if not (is_number(eps) and math.isfinite(eps) and eps > 0):
+            raise ModelError(f"GPTConfig.layer_norm_epsilon must be a positive number, got {eps!r}")
+        if not isinstance(self.bias, bool):
+            raise ModelError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -204,6 +211,18 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits; logits[:, t] predict token t + 1."""
         return self.head(self.hidden_states(idx))
+
+    def compile_trunk(self) -> "GPT":
+        """torch.compile hidden_states (token ids -> final hidden states) in place; returns self.
+
+        Only the transformer blocks are compiled: the lm_head and the loss (spo_min/pair_loss.py)
+        loop over chunks of pairs in Python with host syncs, which a graph would break on anyway.
+        The module stays itself, so its state dict keeps its keys (torch.compile(model) would wrap
+        it and prefix every key with "_orig_mod."). train.py --compile; measured in
+        spo_min/bench_train.py (CPU) and spo_min/bench_gpt2.py (GPU).
+        """
+        self.hidden_states = torch.compile(self.hidden_states)
+        return self
 
     @torch.no_grad()
     def generate(

@@ -15,25 +15,31 @@ compared: they only change how the same numbers are computed or reported.
 
 Everything the command line alone can get wrong is checked before the first step (`preflight`),
 a lock file stops two runs from sharing one --out, and metrics rows carry the id of the run
-that wrote them.
+that wrote them. One rule covers every file a run writes (`check_outputs`): no input is an
+output, and a run never overwrites, deletes or orphans a file it did not create; only --resume
+continues in a folder that holds an earlier run's files.
 """
 
 from __future__ import annotations
 
 import atexit
+import difflib
 import json
 import math
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import time
 
 import torch
 
-from spo_min.checkpoint import CheckpointError, read_config, read_header, _parse_our_header
+from spo_min import data
+from spo_min.checkpoint import CheckpointError, load_model, read_config, read_header, read_metadata, _parse_our_header
 from spo_min.model import GPT, PRESETS, GPTConfig
+from spo_min.tokenizer import VOCAB_SIZE
 
 
 class RunError(CheckpointError):
@@ -57,7 +63,8 @@ def round_settings(args, n, stage, lambdas, data_fingerprint, parent_sha256):
             "margin_mode": args.margin if with_margin else None,
             # alpha shapes the margin only through the lambdas, except in the telescoped form
             "alpha": args.alpha if with_margin and args.margin == "telescoped" else None,
-            "lr": args.lr, "warmup": args.warmup, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+            # steps before warmup: the default warm-up follows --steps, and a message names --steps first
+            "lr": args.lr, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "seed": args.seed,
             "average_logps": args.average_logps, "dtype": args.dtype,
             "data_fingerprint": data_fingerprint, "parent_sha256": parent_sha256}
 
@@ -92,11 +99,82 @@ def compare_settings(what, recorded, expected, fix):
                        f"(set by {flag}): run with the same {flag} to reuse it, or {fix}")
 
 
+# ----------------------------------------------------------------------------- names and stages
+
+# A stage name becomes part of file names (round1_helpful.safetensors): one rule for every name
+# that does, so none can climb out of --out ('../x'), make sub-folders ('x/y') or be empty.
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
+def check_stage_names(stages):
+    for stage in stages:
+        _check(_NAME.fullmatch(stage), f"--stage {stage!r}: a stage name becomes part of file names, so it must be "
+                                       "a letter followed by letters, digits or _ (at most 64), e.g. helpful")
+
+
+def closest(name, choices):
+    """' (did you mean 'x'?)' for the choice nearest to a mistyped name, or ''."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def data_flags(items, stages, formats):
+    """--data DIMENSION=PATH[:FORMAT] flags -> {stage: (path, format)}.
+
+    Every flag names one of the run's stages, once: a typo ('helpfull') or a second file for the
+    same stage would otherwise be ignored, and the stage trained on the built-in world instead.
+    """
+    files = {}
+    for item in items:
+        if item == "world":
+            continue
+        _check("=" in item, f"--data {item}: expected 'world' or DIMENSION=PATH[:FORMAT]")
+        stage, spec = item.split("=", 1)
+        _check(stage in stages, f"--data {item}: '{stage}' is not a stage of this run{closest(stage, stages)}; "
+                                f"its stages are {', '.join(stages)}")
+        if stage in files:
+            raise RunError(f"--data {item}: stage '{stage}' already has --data {files[stage][0]}; give one file per stage")
+        files[stage] = _data_source(item, spec, formats)
+    return files
+
+
+def _data_source(item, spec, formats):
+    path, _, fmt = spec.rpartition(":")
+    if fmt not in formats:  # no known format after the last ':': it belongs to the path
+        path, fmt = spec, ""
+    if not os.path.exists(path):
+        head, _, suffix = spec.rpartition(":")
+        _check(not (head and os.path.exists(head)), f"--data {item}: unknown format '{suffix}' after the last ':'; "
+                                                    f"expected one of {', '.join(formats)}")
+        raise RunError(f"--data {item}: no such file {path}")
+    # A pipe (<(zcat pairs.jsonl.gz)) is fine: it is read once.
+    _check(not os.path.isdir(path), f"--data {item}: {path} is a folder; give a .jsonl or .jsonl.gz file of pairs")
+    return path, fmt or "auto"
+
+
+def data_error_for_flags(err):
+    """data.load_pairs' hints name its Python arguments; train.py's user has flags instead."""
+    message = str(err)
+    for api, flags in ((data.SKIP_BAD_HINT, "or remove it"),
+                       (data.DIMENSION_HINT, "name the stage helpful or harmless (it picks the label)")):
+        message = message.replace(api, flags)
+    return data.DataError(message)
+
+
 # ----------------------------------------------------------------------------- preflight
 
 def _check(ok, message):
     if not ok:
         raise RunError(message)
+
+
+# Counts beyond these are typos, not runs: a million steps of the tiny model take weeks on a CPU
+# (and ~3 hours of GPT-2 124M on an H200); 10,000 samples per held-out prompt is ~1.4 million
+# generations. Refused up front, rather than hours of work (or gigabytes) later.
+MAX_STEPS = 10**6
+MAX_SAMPLES = 10**4
+MAX_SEED = 2**32 - 1  # every seed a 64-bit generator takes, after train.py's seed * 1000 + round
+TEMPERATURE_RANGE = (0.01, 100.0)  # below 0.01 sampling is greedy in effect, and 1e-300 overflows to inf
 
 
 def preflight(args, world_size=1):
@@ -110,6 +188,12 @@ def preflight(args, world_size=1):
     for flag, value in [("--eval-samples", args.eval_samples), ("--warmup", args.warmup),
                         ("--trace-every", args.trace_every)]:
         _check(value >= 0, f"{flag} must be >= 0, got {value}")  # --eval-samples 0: exact evaluation only
+    for flag, value, limit in [("--steps", args.steps, MAX_STEPS), ("--sft-steps", args.sft_steps, MAX_STEPS),
+                               ("--eval-samples", args.eval_samples, MAX_SAMPLES)]:
+        _check(value <= limit, f"{flag} {value} is more than spo-min's limit of {limit:,}: use fewer")
+    _check(args.warmup < args.steps, f"--warmup {args.warmup} is not shorter than the round (--steps {args.steps}): "
+                                     f"the learning rate would never leave warm-up; use --warmup {args.steps - 1} or less")
+    _check(0 <= args.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (2**32 - 1), got {args.seed}")
     _check(args.world_temperature > 0 and math.isfinite(args.world_temperature),
            f"--world-temperature must be a positive number, got {args.world_temperature}")
     _check(args.world_cautious >= 0 and math.isfinite(args.world_cautious),
@@ -119,6 +203,9 @@ def preflight(args, world_size=1):
     _check(args.sft_steps >= 0, f"--sft-steps must be >= 0, got {args.sft_steps}")
     for flag, value in [("--sft-lr", args.sft_lr), ("--eval-temperature", args.eval_temperature)]:
         _check(value > 0 and math.isfinite(value), f"{flag} must be a positive number, got {value}")
+    low, high = TEMPERATURE_RANGE
+    _check(low <= args.eval_temperature <= high, f"--eval-temperature must be between {low} (greedy in effect) and "
+                                                 f"{high}, got {args.eval_temperature}")
     # NaN passes every comparison (nan < 0 is False), so non-finite values need their own check.
     if args.alpha is not None:
         _check(math.isfinite(args.alpha), f"--alpha must be a finite number, got {args.alpha}")
@@ -138,10 +225,47 @@ def preflight(args, world_size=1):
            f"--batch-size {args.batch_size} does not split over {world_size} processes: "
            "make it a multiple of --nproc_per_node")
     check_device(args.device)
-    for name in ("metrics.jsonl", "scores.png"):  # never write through a link into someone else's file
-        path = os.path.join(args.out, name)
-        _check(not os.path.islink(path), f"{path} is a symbolic link; spo-min writes its outputs only as "
-                                         "plain files: remove the link or use another --out")
+    check_stage_names(args.stage)
+
+
+# ----------------------------------------------------------------------------- what a run writes
+
+def same_file(a, b):
+    a, b = os.path.realpath(a), os.path.realpath(b)  # links resolved; hard links below
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _not_plain(path):
+    """What a path is when it cannot be an output (a link could point into someone else's file)."""
+    if os.path.islink(path):
+        return "a symbolic link"
+    if os.path.isdir(path):
+        return "a folder"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return "not a regular file"
+    return None
+
+
+def check_outputs(outputs, inputs, resume, branch, reusable=()):
+    """The one rule for what a run writes, checked before it writes anything.
+
+    outputs: {path: what} for every file the run may write (chain.run_outputs); inputs: [(flag,
+    path)] for every file it reads. No input may be an output; every output is a plain file; and
+    a run never overwrites, deletes or orphans a file it did not create: without --resume, none
+    of its outputs may exist yet (except `reusable` ones, e.g. an SFT base reused when its settings
+    match). --resume continues the run that made them, each file checked against its settings.
+    """
+    for path, what in outputs.items():
+        for flag, given in inputs:
+            _check(not same_file(given, path), f"{flag} {given} is {what} this run writes: a run never reads "
+                                               "what it writes; copy the file elsewhere first, or use another --out")
+        kind = _not_plain(path)
+        _check(kind is None, f"{path} is {kind}; spo-min writes its outputs only as plain files: remove it or use "
+                             "another --out")
+        if os.path.exists(path) and not resume and path not in reusable:
+            choices = ("use another --out, or delete the file (a --branch run does not --resume)" if branch else
+                       "continue that run with --resume, use another --out, or delete the file")
+            raise RunError(f"{path} is {what} of an earlier run; this run would overwrite it: {choices}")
 
 
 def check_device(requested):
@@ -161,15 +285,36 @@ def check_device(requested):
 
 
 def check_init(path):
-    """--init must be a readable checkpoint whose n_head is known (HF files need config.json)."""
+    """--init, checked in full before --out is touched: a readable GPT-2 checkpoint (an HF file
+    needs its config.json for n_head), GPT-2's vocabulary (or a padded one), finite weights."""
     if not os.path.isfile(path):
         raise RunError(f"--init {path}: no such file (give a safetensors checkpoint)")
-    _, file_metadata = read_header(path)
+    infos, file_metadata = read_header(path)
     _, config, _ = _parse_our_header(path, file_metadata)
-    if config is None and not os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")):
-        raise RunError(f"--init {path}: a Hugging Face file without its config.json; no weight shape tells "
-                       "the number of heads: put the model's config.json beside the file")
-    return read_config(path)
+    if config is None:
+        if not any(key.split(".")[-2:] == ["wte", "weight"] for key in infos):
+            keys = ", ".join(sorted(infos)[:4]) + (", ..." if len(infos) > 4 else "")
+            raise RunError(f"--init {path}: not a GPT-2 checkpoint (no token embedding 'wte.weight' among its keys "
+                           f"{keys}): give a GPT-2 safetensors file")
+        if not os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json")):
+            raise RunError(f"--init {path}: a Hugging Face GPT-2 file without its config.json; no weight shape "
+                           "tells the number of heads: put the model's config.json beside the file")
+    config = read_config(path)
+    if config.vocab_size < VOCAB_SIZE:
+        raise RunError(f"--init {path}: its vocabulary has {config.vocab_size} tokens, GPT-2's tokenizer has "
+                       f"{VOCAB_SIZE}: give a checkpoint with GPT-2's vocabulary (a padded one, e.g. 50304, is fine)")
+    check_finite(load_model(path)[0], f"--init {path}", "give a checkpoint with finite weights")  # keys and shapes too
+    return config
+
+
+def check_base(path, settings):
+    """An SFT base found in --out is reused only if it is one, made with this run's settings."""
+    recorded = read_metadata(path)
+    if recorded.get("kind") != "base":
+        raise RunError(f"{path} was not made by spo-min's SFT (it records no SFT settings): pass it as --init, "
+                       "or move it away to train a new base")
+    compare_settings(path, recorded, settings, f"use another --out, or delete {path} to train a new base")
+    check_finite(load_model(path)[0], path, "delete it to train a new base (lower --sft-lr)")
 
 
 def base_config(args):
@@ -250,12 +395,24 @@ def _pid_alive(pid):
     return True
 
 
+def _process_start(pid):
+    """When process `pid` started (clock ticks after boot, field 22 of /proc/<pid>/stat), or None
+    where there is no /proc. A pid alone does not name a process: the system reuses pids."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return int(stat.rsplit(")", 1)[1].split()[19])  # after "pid (name)": field 3 is index 0
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class RunLock:
-    """`--out/.lock`, holding the pid and host of the run that uses the folder.
+    """`--out/.lock`, holding the pid, its start time and the host of the run that uses the folder.
 
     Created with O_EXCL, so two runs starting at once cannot both get it. A lock whose process is
-    gone (kill -9, a crash) is stale and taken over; one from another host cannot be checked and
-    must be removed by hand. Holding the lock also makes it safe to clear orphan temp files.
+    gone (kill -9, a crash) is stale and taken over, and so is one whose pid now belongs to a
+    process that started later (pid reuse). One from another host cannot be checked and must be
+    removed by hand. Holding the lock also makes it safe to clear orphan temp files.
     """
 
     def __init__(self, out, run_id):
@@ -264,11 +421,11 @@ class RunLock:
         self.held = False
 
     def acquire(self):
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {"pid": os.getpid(), "pid_start": _process_start(os.getpid()), "host": socket.gethostname(),
+                  "run_id": self.run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):  # second try after removing a stale lock
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:  # 0o666: the umask decides who may read it, as for every file a run writes
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
             except FileExistsError:
                 self._clear_if_stale()
                 continue
@@ -294,7 +451,9 @@ class RunLock:
                            "--out, or delete the lock if that run is gone")
         # Our own pid: a lock left by an earlier train.main() call in this process (tests call it
         # in-process); nothing else runs in this process at the same time.
-        if pid != os.getpid() and _pid_alive(pid):
+        started, now = owner.get("pid_start"), _process_start(pid)
+        reused = None not in (started, now) and started != now  # the pid now names another, later process
+        if pid != os.getpid() and _pid_alive(pid) and not reused:
             raise RunError(f"{self.path}: --out is in use by another run (pid {pid}, started {owner.get('started')}); "
                            "wait for it to finish or use another --out")
         os.remove(self.path)
@@ -315,6 +474,37 @@ class RunLock:
                 pass
 
 
+# ----------------------------------------------------------------------------- signals
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM: the run stops where it is, and what it saved stays resumable."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals():
+    """SIGTERM (kill, a job scheduler) stops a run the way Ctrl-C does: as an exception. An atomic
+    write in progress removes its temp file (the file it replaces stays intact), the lock is
+    released, and train.py says one line instead of a traceback."""
+    def stop(signum, frame):
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
+def interrupted_message(args, signum):
+    """The one line train.py prints when a signal stopped it: what is kept and how to go on."""
+    name = signal.Signals(signum).name
+    if args.branch:
+        return (f"stopped by {name}; a --branch run does not resume: delete {args.out} (or use another --out) and "
+                "run it again")
+    return (f"stopped by {name}; the finished rounds and the last saved state of this round (every --save-every "
+            f"steps) are in {args.out}: run the same command with --resume to continue")
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def new_run_id():
@@ -328,15 +518,55 @@ def _json_safe(value):
     return value
 
 
+def _metrics_rows(path):
+    """(complete lines, the last line if it has no newline) of metrics.jsonl."""
+    with open(path, "rb") as f:
+        text = f.read()
+    cut = text.rfind(b"\n") + 1
+    return text[:cut].splitlines(), text[cut:]
+
+
+def _is_row(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def check_metrics(path):
+    """Before --resume appends to metrics.jsonl: every complete line is a row (a JSON object).
+    A file of something else is refused rather than appended to; a cut last line is repaired by
+    start_metrics."""
+    if not os.path.exists(path):
+        return
+    lines, _ = _metrics_rows(path)
+    for number, line in enumerate(lines, start=1):
+        _check(not line.strip() or _is_row(line),
+               f"{path}:{number}: not a metrics row (one JSON object per line); this file was not written by "
+               "spo-min: move it away, or use another --out")
+
+
 def start_metrics(path, resume):
-    """A fresh run starts metrics.jsonl empty; --resume appends to it."""
-    if not resume and os.path.lexists(path):
-        os.remove(path)
+    """A fresh run starts with no metrics.jsonl (check_outputs made sure). --resume appends to it,
+    after repairing a last line that an interrupted write cut short: dropped, and said so (two
+    rows glued into one invalid line otherwise). A last row that only lacks its newline gets it."""
+    if not resume or not os.path.exists(path):
+        return
+    lines, tail = _metrics_rows(path)
+    if not tail:
+        return
+    with open(path, "rb+") as f:
+        if _is_row(tail):
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(sum(len(line) + 1 for line in lines))
+            print(f"[metrics] {path}: dropped its last line, cut short by an interrupted write ({len(tail)} bytes)")
 
 
 def append_metrics(path, row, run_id):
     """One JSON line per evaluation, tagged with the run that wrote it; never through a link."""
     record = {"run_id": run_id, **{k: _json_safe(v) for k, v in row.items()}}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666)  # the umask decides
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, allow_nan=False) + "\n")

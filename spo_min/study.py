@@ -143,6 +143,17 @@ def run_jobs(jobs, n_workers):
     return results
 
 
+def run_or_load(args, jobs, what):
+    """Train every job into a fresh --out, or with --report-only read the finished runs back;
+    either way the report is built from the files (load_runs). `what` describes the study."""
+    done = {}
+    if not args.report_only:
+        fresh_out(args.out)
+        print(f"[{what}] {len(jobs)} train.py runs, {args.jobs} in parallel; logs in {args.out}/logs", flush=True)
+        done = run_jobs(jobs, args.jobs)
+    return load_runs(jobs, done)
+
+
 def earlier_wall_seconds(out, name):
     """The wall time an earlier (training) run of this study recorded in OUT/name, or None."""
     import json

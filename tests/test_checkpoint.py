@@ -11,6 +11,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -302,12 +304,12 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     save_model(GPT(GPTConfig.preset("nano", vocab_size=53), seed=0), path, metadata={"round": 1})
     before = path.read_bytes()
 
-    def crash_midway(tensors, filename, metadata=None):  # a write that dies after some bytes
+    def crash_midway(filename, tensors, metadata):  # a write that dies after some bytes
         with open(filename, "wb") as f:
             f.write(before[:1000])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint, "save_file", crash_midway)
+    monkeypatch.setattr(checkpoint, "write_safetensors", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         save_model(GPT(GPTConfig.preset("nano", vocab_size=53), seed=1), path, metadata={"round": 2})
     assert path.read_bytes() == before
@@ -326,6 +328,50 @@ def test_header_metadata_is_json_strings(tmp_path):
     assert json.loads(header["spo_min.config"]) == config.to_dict()
     assert json.loads(header["spo_min.metadata"]) == {"beta": 0.1}
     assert header["spo_min.layout"] == "spo" and header["spo_min.format"] == checkpoint.FORMAT_TAG
+
+
+def test_same_weights_give_the_same_bytes_in_any_process(tmp_path):
+    """The header is written in a fixed order: the same model and metadata, saved here and in a
+    fresh process, give byte-identical files (safetensors' own writer ordered "__metadata__" by a
+    per-process hash seed). The file is also what safetensors reads back, key for key."""
+    from safetensors.torch import load_file
+
+    model = GPT(GPTConfig.preset("nano", vocab_size=53), seed=0)
+    meta = {"kind": "round", "round": 1, "beta": 0.1, "lambdas": [0.5], "parent": "base.safetensors"}
+    save_model(model, tmp_path / "a.safetensors", metadata=meta)
+    script = ("import sys; from spo_min.checkpoint import save_model; from spo_min.model import GPT, GPTConfig; "
+              "save_model(GPT(GPTConfig.preset('nano', vocab_size=53), seed=0), sys.argv[1], "
+              f"metadata={meta!r})")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "b.safetensors")], check=True, timeout=120)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    _, header = checkpoint.read_header(tmp_path / "a.safetensors")  # in file order (safe_open's is not)
+    assert list(header) == ["format", "spo_min.format", "spo_min.layout", "spo_min.config", "spo_min.metadata"]
+    loaded = load_file(tmp_path / "a.safetensors")
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_honour_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_model(GPT(GPTConfig.preset("nano", vocab_size=53), seed=0), tmp_path / "c.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_padded_vocabulary_is_cut_to_the_tokenizer(tmp_path):
+    """A nanoGPT-style padded vocabulary (50304 rows): the real tokens' logits are the file's, the
+    padding rows are gone, so they can be neither sampled nor part of a softmax."""
+    model = GPT(GPTConfig.preset("nano", vocab_size=50304), seed=0)
+    save_model(model, tmp_path / "padded.safetensors")
+    cut, _ = load_model(tmp_path / "padded.safetensors")
+    kept, _ = load_model(tmp_path / "padded.safetensors", vocab_size=None)
+    assert cut.config.vocab_size == 50257 and kept.config.vocab_size == 50304
+    ids = random_ids(50257, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(cut(ids), kept(ids)[..., :50257])  # same numbers, the padding columns dropped
 
 
 def raw_safetensors(path, header):

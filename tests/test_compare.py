@@ -50,6 +50,8 @@ def test_matched_chain_is_e10s(quick_study):
         spo = read_metadata(out / f"seed{seed}_spo_1" / "round2_harmless.safetensors")
         beta1 = read_metadata(pi1)["beta"]
         assert m1["beta"] == pytest.approx(beta1 * spo["beta"] / (spo["beta"] + (1.0 / beta1) * beta1))
+        m1_path = out / f"seed{seed}_matched_1_r1" / "round1_helpful.safetensors"
+        assert chain.parent_path(m1_path, m1["parent"]) == str(base)  # recorded relative to its folder
         assert m1["parent_sha256"] == chain.file_sha256(base) and m1["seed"] == seed == read_metadata(pi1)["seed"]
         assert m1["data_fingerprint"] == read_metadata(pi1)["data_fingerprint"]
         assert m2["loss"] == "dpo" and m2["lambdas"] == [0.0] and m2["beta"] == spo["beta"]
@@ -92,6 +94,23 @@ def test_run_jobs_refuses_unknown_parents():
         study.run_jobs([study.job("a", [], "/tmp", after="b")], 1)
 
 
+def test_a_copied_run_folder_verifies_and_refuses_a_changed_parent(quick_study, tmp_path):
+    import shutil
+
+    src = quick_study[0] / "seed0"
+    copy = tmp_path / "seed0"
+    shutil.copytree(src, copy)
+    # A copied folder verifies on its own: round 1 names its base relative to its folder, by hash.
+    assert len(chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))) == 2
+    meta = read_metadata(copy / "round1_helpful.safetensors")
+    victim = chain.parent_path(copy / "round1_helpful.safetensors", meta["parent"])
+    assert victim == str(copy / "base.safetensors")
+    with open(victim, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(chain.ChainError, match="has changed since"):
+        chain.rebuild_chain(str(copy / "round1_helpful.safetensors"))
+
+
 # ----------------------------------------------------------------------------- n = 3
 
 @pytest.fixture(scope="module")
@@ -116,9 +135,11 @@ def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
         pi2 = out / f"seed{seed}" / "round2_harmless.safetensors"
         meta2 = read_metadata(pi2)
         beta1 = read_metadata(out / f"seed{seed}" / "round1_helpful.safetensors")["beta"]
-        metas = {m: read_metadata(out / f"seed{seed}_r3_{m}{'' if m == 'dpo' else '_1'}" / "round3_concise.safetensors")
+        paths = {m: out / f"seed{seed}_r3_{m}{'' if m == 'dpo' else '_1'}" / "round3_concise.safetensors"
                  for m in ("exact", "telescoped", "dpo")}
-        for meta in metas.values():
+        metas = {m: read_metadata(path) for m, path in paths.items()}
+        for m, meta in metas.items():
+            assert chain.parent_path(paths[m], meta["parent"]) == str(pi2)
             assert meta["parent_sha256"] == chain.file_sha256(pi2)
         # --alpha 1: lambda_i^(3) = 1 / beta_i as recorded; the telescoped run says so in its metadata.
         assert metas["exact"]["lambdas"] == [pytest.approx(1 / beta1), pytest.approx(1 / meta2["beta"])]

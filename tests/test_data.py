@@ -5,6 +5,7 @@ Fixture files are written into tmp_path by the tests themselves (small, hand-mad
 
 import gzip
 import json
+import os
 
 import pytest
 import torch
@@ -121,6 +122,24 @@ def test_bad_rows_name_file_line_and_expectation_or_are_skipped(tmp_path, name, 
     assert f"skipped 1 bad rows ({reason}: 1)" in str(report)
 
 
+def test_gzip_without_its_suffix_and_a_pipe_are_read(tmp_path):
+    """Gzip is told by its first bytes too; a pipe (what <(zcat pairs.jsonl.gz) passes) is read once."""
+    import threading
+
+    rows = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(3)]
+    plain = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    packed = tmp_path / "pairs.data"  # gzip, no .gz suffix
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert data.load_pairs(packed)[0] == data.load_pairs(plain)[0]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(gzip.compress(plain.read_bytes())))
+    writer.start()
+    pairs, _ = data.load_pairs(str(fifo))
+    writer.join()
+    assert pairs == data.load_pairs(plain)[0]
+
+
 def test_file_level_errors(tmp_path):
     good = tmp_path / "good.jsonl"
     write_jsonl(good, [{"prompt": "p", "chosen": "c", "rejected": "r"}])
@@ -134,7 +153,7 @@ def test_file_level_errors(tmp_path):
     all_bad = write_jsonl(tmp_path / "all_bad.jsonl", ["{", "{"])
     cases = [
         (lambda: data.load_pairs(tmp_path / "missing.jsonl"), "missing.jsonl: no such file"),
-        (lambda: data.load_pairs(tmp_path), "no such file"),  # a directory
+        (lambda: data.load_pairs(tmp_path), f"{tmp_path}: a folder; expected a .jsonl"),
         (lambda: data.load_pairs(empty), "empty.jsonl: the file has no rows"),
         (lambda: data.load_pairs(blank), "blank.jsonl: the file has no rows"),
         (lambda: data.load_pairs(corrupt), "corrupt.jsonl.gz: not a readable gzip file"),

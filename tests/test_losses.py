@@ -253,8 +253,8 @@ def test_bad_margin_hyperparameters():
         spo_margin(c, r, [0.1, 0.0], [[], [0.5], [0.1, 0.2]])
     with pytest.raises(HyperparameterError, match=r"alpha = -1.0"):
         spo_margin_telescoped(c, r, -1.0)
-    with pytest.raises(HyperparameterError, match=r"reduction = 'sum'"):
-        spo_loss(c[0], c[0], c[0], c[0], 0.0, 0.1, reduction="sum")
+    with pytest.raises(HyperparameterError, match=r"reduction = 'max'"):
+        spo_loss(c[0], c[0], c[0], c[0], 0.0, 0.1, reduction="max")
 
 
 def test_bad_logps():

@@ -63,6 +63,14 @@ def test_config_dict_round_trip_and_errors():
         GPTConfig(n_embd=48, n_head=5)
     with pytest.raises(ModelError, match=r"GPTConfig.n_layer must be a positive int, got 0"):
         GPTConfig(n_layer=0)
+    # A string or negative epsilon was a TypeError, or NaN after the first LayerNorm.
+    for eps in ("1e-5", -1e-5, 0.0, float("nan"), True):
+        with pytest.raises(ModelError, match=f"layer_norm_epsilon must be a positive number, got {eps!r}"):
+            GPTConfig(layer_norm_epsilon=eps)
+    with pytest.raises(ModelError, match=r"GPTConfig.dropout must be in \[0, 1\), got '0.1'"):
+        GPTConfig(dropout="0.1")
+    with pytest.raises(ModelError, match="GPTConfig.bias must be true or false, got 'yes'"):
+        GPTConfig(bias="yes")
 
 
 # --------------------------------------------------------------------------- structure

@@ -7,11 +7,13 @@ which recorded setting is checked without training at all. Three subprocess test
 user actually sees: exit code 2, a single line on stderr, and no lock left behind.
 """
 
+import functools
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ import train
 from spo_min import chain, data, losses, runs
 from spo_min.checkpoint import load_model, read_metadata, save_model
 from spo_min.ddp import Distributed
-from spo_min.logps import batch_sequence_logps
+from spo_min.logps import batch_pair_loss
 from spo_min.model import GPT, GPTConfig
 from spo_min.tokenizer import get_tokenizer
 from spo_min.world import build_world
@@ -61,7 +63,8 @@ def snapshot(folder):
     """
     if not os.path.exists(folder):
         return None
-    files = {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+    files = {name: open(os.path.join(folder, name), "rb").read() if os.path.isfile(os.path.join(folder, name))
+             else "not a file" for name in sorted(os.listdir(folder))}
     if ".lock" in files and json.loads(files[".lock"])["pid"] == os.getpid():
         del files[".lock"]
     return files
@@ -85,9 +88,8 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def two_rounds(base, tmp_path_factory):
-    """A finished two-round run; its folder first held a stale metrics.jsonl of another run."""
+    """A finished two-round run."""
     out = tmp_path_factory.mktemp("done")
-    (out / "metrics.jsonl").write_text('{"round": 7, "stage": "old"}\n')
     train.main(argv(base, out, stages=("helpful", "harmless")))
     return out
 
@@ -133,10 +135,10 @@ def test_fresh_run_records_every_setting_and_tags_metrics(two_rounds):
     meta = read_metadata(two_rounds / "round2_harmless.safetensors")
     expected = {"stage": "harmless", "loss": "spo", "beta": train.DEFAULT_BETA,
                 "lambdas": [chain.DEFAULT_ALPHA / train.DEFAULT_BETA], "margin_mode": "exact",
-                "alpha": None, "lr": train.DEFAULT_LR, "warmup": train.DEFAULT_WARMUP, "steps": 2, "batch_size": 4, "seed": 0, "average_logps": False,
+                "alpha": None, "lr": train.DEFAULT_LR, "warmup": 1, "steps": 2, "batch_size": 4, "seed": 0, "average_logps": False,
                 "dtype": "float32", "parent_sha256": chain.file_sha256(two_rounds / "round1_helpful.safetensors")}
     assert {k: meta[k] for k in expected} == expected and len(meta["data_fingerprint"]) == 16
-    # metrics.jsonl started empty: the stale row is gone, every row carries this run's id.
+    # One row per round, every row carries this run's id.
     rows = [json.loads(line) for line in (two_rounds / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert len({r["run_id"] for r in rows}) == 1 and rows[0]["run_id"]
@@ -162,7 +164,7 @@ def test_resume_refuses_a_state_made_with_other_settings(mid_round, base, tmp_pa
     (["--margin", "telescoped"], ["margin_mode", "alpha"], "'exact'", "'telescoped'"),
     (["--lr", "0.001"], ["lr"], "0.0002", "0.001"),
     (["--warmup", "3"], ["warmup"], "10", "3"),
-    (["--steps", "7"], ["steps"], "100", "7"),
+    (["--steps", "7"], ["steps", "warmup"], "100", "7"),  # the default warm-up (10) ends before a 7-step round
     (["--batch-size", "2"], ["batch_size"], "16", "2"),
     (["--seed", "5"], ["seed"], "0", "5"),
     (["--average-logps"], ["average_logps"], "False", "True"),
@@ -230,6 +232,79 @@ def test_resume_refuses_an_incomplete_or_non_finite_state(mid_round, base, tmp_p
     assert "delete" in message and "restart the round" in message
 
 
+# ----------------------------------------------------------------------------- High 2-3: what a run writes
+
+def everything(folder):
+    """Every file under folder (recursively) and its bytes: 'no other file changed'."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files if f != ".lock"}
+
+
+@pytest.mark.parametrize("flags, needle", [
+    # High 3: README's own example with the default --out replaced round 2 and its metrics rows.
+    (["--branch", "{out}/round1_helpful.safetensors", "--stage", "harmless", "--alpha", "0.1"],
+     "{out}/round2_harmless.safetensors is the round 2 checkpoint of an earlier run; this run would overwrite "
+     "it: use another --out, or delete the file (a --branch run does not --resume)"),
+    # High 3: a fresh run with another --beta overwrote round 1 and orphaned round 2.
+    (["--init", "{base}", "--stage", "helpful", "--beta", "0.5"],
+     "{out}/round1_helpful.safetensors is the round 1 checkpoint of an earlier run; this run would overwrite it: "
+     "continue that run with --resume, use another --out, or delete the file"),
+    (["--branch", "{out}/round1_helpful.safetensors", "--stage", "concise"],
+     "{out}/metrics.jsonl is the metrics file of an earlier run; this run would overwrite it: use another --out"),
+    # High 2: --init is the file the run is about to write.
+    (["--init", "{out}/round1_helpful.safetensors", "--stage", "helpful", "--resume"],
+     "--init {out}/round1_helpful.safetensors is the round 1 checkpoint this run writes: a run never reads what "
+     "it writes; copy the file elsewhere first, or use another --out"),
+    (["--init", "{base}", "--stage", "helpful", "--data", "helpful={out}/metrics.jsonl", "--resume"],
+     "--data {out}/metrics.jsonl is the metrics file this run writes: a run never reads what it writes"),
+], ids=["branch-into-own-folder", "fresh-run-over-finished", "branch-metrics", "init-is-output", "data-is-output"])
+def test_a_run_never_overwrites_what_it_did_not_create(two_rounds, base, tmp_path, flags, needle):
+    out = copy_of(two_rounds, tmp_path)
+    before = everything(tmp_path)
+    fill = {"out": out, "base": base}
+    args = [f.format(**fill) for f in flags] + ["--out", str(out), *FAST]
+    refused(args, needle.format(**fill), out)
+    assert everything(tmp_path) == before
+
+
+def test_an_unfinished_round_is_continued_only_with_resume(mid_round, base, tmp_path):
+    out = copy_of(mid_round, tmp_path)
+    refused(argv(base, out, "--steps", "3", "--save-every", "2"),
+            f"{out}/round1_helpful.state.safetensors is the unfinished round 1 state of an earlier run; this run "
+            "would overwrite it: continue that run with --resume", out)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "scores.png"])
+def test_an_output_that_is_a_folder_is_refused_before_training(base, tmp_path, name):
+    """Medium 5: scores.png or metrics.jsonl being a folder was a traceback after training."""
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    refused(argv(base, out), f"{out / name} is a folder; spo-min writes its outputs only as plain files: remove it "
+                             "or use another --out", out)
+
+
+def test_resume_drops_a_cut_last_metrics_line_and_says_so(two_rounds, base, tmp_path, capsys):
+    """Medium 8: --resume appended onto a cut last line, gluing two rows into one invalid line."""
+    out = copy_of(two_rounds, tmp_path)
+    whole = (out / "metrics.jsonl").read_bytes()
+    cut = whole[: len(whole) - 40]  # the last row, cut short by a kill during its write
+    (out / "metrics.jsonl").write_bytes(cut)
+    train.main(argv(base, out, "--resume", "--eval-samples", "0", stages=("helpful", "harmless")))
+    dropped = len(cut) - cut.rfind(b"\n") - 1
+    assert (f"[metrics] {out / 'metrics.jsonl'}: dropped its last line, cut short by an interrupted write "
+            f"({dropped} bytes)") in capsys.readouterr().out
+    lines = (out / "metrics.jsonl").read_bytes().splitlines()
+    assert lines[:2] == whole.splitlines()[:2] and all(json.loads(line) for line in lines)
+
+
+def test_resume_refuses_to_append_to_a_file_that_is_not_metrics(two_rounds, base, tmp_path):
+    out = copy_of(two_rounds, tmp_path)
+    (out / "metrics.jsonl").write_text('{"round": 0}\nnot a row\n')
+    refused(argv(base, out, "--resume", stages=("helpful", "harmless")),
+            f"{out / 'metrics.jsonl'}:2: not a metrics row (one JSON object per line); this file was not written by "
+            "spo-min: move it away, or use another --out", out)
+
+
 # ----------------------------------------------------------------------------- High 3: one run per --out
 
 def test_a_live_lock_stops_a_second_run(base, tmp_path):
@@ -256,6 +331,37 @@ def test_a_stale_lock_is_taken_over_and_orphan_temp_files_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".lock", "notes.tmp"]
     lock.release()
     assert os.listdir(tmp_path) == ["notes.tmp"]
+
+
+def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
+    """Low 15: a stale lock whose pid now belongs to another live process blocked forever."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = runs._process_start(other.pid)
+        lock = {"pid": other.pid, "host": runs.socket.gethostname(), "run_id": "x", "started": "then"}
+        (tmp_path / ".lock").write_text(json.dumps({**lock, "pid_start": started}))  # that process's own lock
+        with pytest.raises(runs.RunError, match=f"--out is in use by another run \\(pid {other.pid}"):
+            runs.RunLock(str(tmp_path), "run-b").acquire()
+        (tmp_path / ".lock").write_text(json.dumps({**lock, "pid_start": started - 1}))  # a run before it had the pid
+        runs.RunLock(str(tmp_path), "run-b").acquire().release()
+        assert os.listdir(tmp_path) == []
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_metrics_and_lock_honour_the_umask(tmp_path):
+    """Low 17: checkpoints were 0600 whatever the umask (tests/test_checkpoint.py); the lock and
+    metrics.jsonl were 0644 whatever it was."""
+    old = os.umask(0o002)  # a shared group folder: group members may write too
+    try:
+        runs.append_metrics(tmp_path / "metrics.jsonl", {"round": 0}, "r")
+        lock = runs.RunLock(str(tmp_path), "r").acquire()
+        modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("metrics.jsonl", ".lock")}
+        lock.release()
+    finally:
+        os.umask(old)
+    assert modes == {"metrics.jsonl": 0o664, ".lock": 0o664}
 
 
 def test_frozen_policy_is_checked_against_the_chain(base, tmp_path):
@@ -301,6 +407,31 @@ def test_base_settings_name_the_flag():
             runs.compare_settings("base.safetensors", recorded, expected, "use another --out")
 
 
+def test_a_moved_run_folder_still_verifies(sft_run, tmp_path):
+    """Low 12: parents were recorded as absolute paths, so a moved folder could not be branched from."""
+    out = copy_of(sft_run, tmp_path)
+    train.main(["--model", "nano", "--sft-steps", "1", "--stage", "helpful", "--out", str(out), *FAST,
+                "--eval-samples", "0"])
+    meta = read_metadata(out / "round1_helpful.safetensors")
+    assert meta["parent"] == "base.safetensors" and "parent_abspath" not in meta  # same bytes wherever --out is
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.parent.mkdir()
+    shutil.move(out, moved)
+    links = chain.rebuild_chain(str(moved / "round1_helpful.safetensors"))
+    assert [link["path"] for link in links] == [str(moved / "base.safetensors"), str(moved / "round1_helpful.safetensors")]
+
+
+def test_a_parent_outside_the_folder_is_also_named_absolutely(two_rounds, base, tmp_path):
+    """An --init outside --out may not move with it: a copy at another depth still finds it."""
+    meta = read_metadata(two_rounds / "round1_helpful.safetensors")
+    assert meta["parent"] == os.path.relpath(base, two_rounds) and meta["parent_abspath"] == base
+    copy = tmp_path / "a" / "b"
+    shutil.copytree(two_rounds, copy)  # the relative link now points nowhere
+    links = chain.rebuild_chain(str(copy / "round2_harmless.safetensors"))
+    assert [link["path"] for link in links] == [base, *(str(copy / f"round{n}_{s}.safetensors")
+                                                       for n, s in [(1, "helpful"), (2, "harmless")])]
+
+
 def test_non_finite_base_is_never_saved_nor_reused(sft_run, tmp_path):
     fresh = tmp_path / "nan"
     fresh.mkdir()
@@ -335,6 +466,21 @@ NOT_THERE = "/nonexistent/spo-min/out"
     (["--branch", "/nonexistent/round1.safetensors", "--resume"], "--resume does not apply to --branch"),
     (["--branch", "/nonexistent/round1.safetensors"], "--branch /nonexistent/round1.safetensors: no such file"),
     (["--eval-pairs", "0"], "--eval-pairs must be >= 1, got 0"),
+    # High 4: every flag that names a stage names a known one, the closest suggested.
+    (["--stage", "harmles"], "unknown stage 'harmles' (did you mean 'harmless'?): known dimensions are ['concise', "
+                             "'harmless', 'helpful'] (the built-in world's), or give its pairs as --data harmles=PATH"),
+    # Medium 7: absurd counts, refused before anything is built (the schedule alone was 200 GB).
+    (["--steps", "1000000000"], "--steps 1000000000 is more than spo-min's limit of 1,000,000: use fewer"),
+    (["--sft-steps", "2000000"], "--sft-steps 2000000 is more than spo-min's limit of 1,000,000: use fewer"),
+    (["--eval-samples", "100000"], "--eval-samples 100000 is more than spo-min's limit of 10,000: use fewer"),
+    # Low 14: a warm-up as long as the round never reaches the peak learning rate, let alone decays.
+    (["--warmup", "1000"], "--warmup 1000 is not shorter than the round (--steps 2): the learning rate would never "
+                           "leave warm-up; use --warmup 1 or less"),
+    # Medium 5: a seed no generator takes (was a ValueError), a temperature that overflows to inf.
+    (["--seed", str(2**70)], f"--seed must be between 0 and 4294967295 (2**32 - 1), got {2**70}"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295 (2**32 - 1), got -1"),
+    (["--eval-temperature", "1e-300"], "--eval-temperature must be between 0.01 (greedy in effect) and 100.0, "
+                                       "got 1e-300"),
     (["--eval-temperature", "-1"], "--eval-temperature must be a positive number, got -1.0"),
     (["--sft-lr", "inf"], "--sft-lr must be a positive number, got inf"),
     (["--alpha", "nan"], "--alpha must be a finite number, got nan"),
@@ -372,13 +518,112 @@ def test_outputs_are_never_written_through_a_link(base, tmp_path, name):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_hf_init_without_config_json_is_refused(base, tmp_path):
+def hf_export(model, folder, config_json=True, **config):
+    """model as a Hugging Face GPT-2 export: model.safetensors (HF keys, no metadata) + config.json."""
     from safetensors.torch import load_file, save_file
 
-    save_model(load_model(base)[0], tmp_path / "ours.safetensors", layout="hf")
-    save_file(load_file(tmp_path / "ours.safetensors"), tmp_path / "hf.safetensors")  # as HF writes it: no config
-    refused(["--init", str(tmp_path / "hf.safetensors"), "--stage", "helpful", "--out", NOT_THERE, *FAST],
-            "a Hugging Face file without its config.json", NOT_THERE)
+    folder.mkdir()
+    save_model(model, folder / "ours.safetensors", layout="hf")
+    save_file(load_file(folder / "ours.safetensors"), folder / "model.safetensors")  # as HF writes it
+    (folder / "ours.safetensors").unlink()
+    c = model.config
+    if config_json:
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "gpt2", "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+            "vocab_size": c.vocab_size, "n_positions": c.block_size, "layer_norm_epsilon": 1e-5, **config}))
+    return str(folder / "model.safetensors")
+
+
+def test_hf_init_without_config_json_is_refused(base, tmp_path):
+    path = hf_export(load_model(base)[0], tmp_path / "hf", config_json=False)
+    refused(["--init", path, "--stage", "helpful", "--out", NOT_THERE, *FAST],
+            "a Hugging Face GPT-2 file without its config.json", NOT_THERE)
+
+
+NANO = GPTConfig.preset("nano")
+
+
+def not_gpt2(folder):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({"w": torch.zeros(2)}, folder / "x.safetensors")
+    return folder / "x.safetensors"
+
+
+def extra_key(folder):
+    """Our own checkpoint with one tensor too many: found only by a full load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    path = folder / "x.safetensors"
+    save_model(GPT(NANO, seed=0), path)
+    with safe_open(path, framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, path, metadata=header)
+    return path
+
+
+@pytest.mark.parametrize("make, needle", [
+    # Medium 5 and 9: config.json values are type- and range-checked where they are read.
+    (lambda d: hf_export(GPT(NANO, seed=0), d, layer_norm_epsilon="1e-5"),
+     "config.json: layer_norm_epsilon is str '1e-5'; expected a positive number (GPT-2's is 1e-05)"),
+    (lambda d: hf_export(GPT(NANO, seed=0), d, layer_norm_epsilon=-1e-5),
+     "config.json: layer_norm_epsilon is float -1e-05; expected a positive number"),
+    (lambda d: hf_export(GPT(NANO, seed=0), d, n_embd="32"),
+     "config.json: n_embd is str '32'; expected a positive integer: fix config.json"),
+    # Medium 5: a vocabulary smaller than the tokenizer's (it was an IndexError mid-run).
+    (lambda d: hf_export(GPT(GPTConfig.preset("nano", vocab_size=1000), seed=0), d),
+     "its vocabulary has 1000 tokens, GPT-2's tokenizer has 50257"),
+    # Low 10: a safetensors file that is no GPT-2 at all.
+    (not_gpt2, "not a GPT-2 checkpoint (no token embedding 'wte.weight' among its keys w)"),
+    # Low 11: a key too many is found before --out is created (--init is loaded in full up front).
+    (extra_key, "unexpected keys 'extra.weight'"),
+], ids=["eps-string", "eps-negative", "n_embd-string", "vocab-1000", "not-gpt2", "extra-key"])
+def test_a_bad_init_is_refused_before_out_exists(tmp_path, make, needle):
+    init = make(tmp_path / "init")
+    out = tmp_path / "out"
+    message = refused(["--init", str(init), "--stage", "helpful", "--out", str(out), *FAST], needle, out)
+    assert message.startswith(("--init ", str(tmp_path))) and not out.exists()
+
+
+def test_an_unreadable_init_is_one_line(base, tmp_path, monkeypatch):
+    import spo_min.checkpoint as checkpoint
+
+    def no_permission(path, *a, **k):  # what open() raises on a chmod 000 file (tests may run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "open", no_permission, raising=False)
+    out = tmp_path / "out"
+    refused(argv(base, out), f"{base}: cannot read it (Permission denied); make it readable", out)
+    assert not out.exists()
+
+
+def test_a_foreign_file_named_base_in_out_is_not_reused(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(hf_export(load_model(base)[0], tmp_path / "hf", config_json=False), out / "base.safetensors")
+    refused(["--model", "nano", "--stage", "helpful", "--out", str(out), *FAST],
+            f"{out / 'base.safetensors'} was not made by spo-min's SFT (it records no SFT settings): pass it as "
+            "--init, or move it away", out)
+
+
+def test_a_padded_vocabulary_loads_and_runs(tmp_path):
+    """nanoGPT pads GPT-2's 50257 tokens to 50304. The padding rows get huge logits here: were
+    they sampled, decoding would fail; were they scored, every log-prob would be ~-1e4."""
+    model = GPT(GPTConfig.preset("nano", vocab_size=50304), seed=0)
+    with torch.no_grad():
+        model.transformer.wte.weight[50257:] = 50.0
+    padded = tmp_path / "padded.safetensors"
+    save_model(model, padded, metadata={"kind": "init"})
+    out = tmp_path / "out"
+    rows = train.main(argv(str(padded), out))
+    assert rows[1]["sample"] and rows[1]["acc/helpful"] is not None
+    policy, _ = load_model(out / "round1_helpful.safetensors")
+    assert policy.config.vocab_size == 50257
+    meta = read_metadata(out / "round1_helpful.safetensors")
+    assert meta["parent_sha256"] == chain.file_sha256(padded)
 
 
 @pytest.mark.parametrize("rows, flags, needle", [
@@ -403,12 +648,58 @@ def test_data_is_checked_before_the_base_sft(tmp_path, rows, flags, needle):
 
 def test_custom_dimension_and_colon_in_path_load(tmp_path):
     path = write_pairs(tmp_path / "a:b.jsonl", 40)
-    args = train.parse_args(["--stage", "honest", "--data", f"honest={path}", "--data", f"helpful={path}:generic"])
+    args = train.parse_args(["--stage", "honest", "--data", f"honest={path}:generic"])
+    assert train.stage_sources(args) == {"honest": (path, "generic")}
+    args = train.parse_args(["--stage", "honest", "--data", f"honest={path}"])
     sources = train.stage_sources(args)
     assert sources == {"honest": (path, "auto")}
     tokenized, _ = train.load_stage_data(args, sources, get_tokenizer(), 64)
     train_tok, heldout = tokenized["honest"]
     assert len(train_tok) + len(heldout) == 40 and len(heldout) == 2
+
+
+# ----------------------------------------------------------------------------- names that become paths
+
+@pytest.mark.parametrize("stage", ["../../../victim", "x/y", "", ".hidden", "two words", "x" * 65])
+def test_a_stage_name_is_an_identifier(base, tmp_path, stage):
+    """High 1: a stage name becomes part of file names; '../../../victim' wrote outside --out."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 40)
+    out = tmp_path / "a" / "b" / "out"
+    refused(argv(base, out, "--data", f"{stage}={pairs}", stages=(stage,)),
+            f"--stage {stage!r}: a stage name becomes part of file names, so it must be a letter followed by "
+            "letters, digits or _ (at most 64), e.g. helpful", out)
+    assert victim.read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["pairs.jsonl", "victim"]
+
+
+@pytest.mark.parametrize("stage, flags, needle", [
+    # High 4: a typo trained the built-in world instead, exit 0; a second file replaced the first.
+    ("helpful", ["helpfull={pairs}"],
+     "--data helpfull={pairs}: 'helpfull' is not a stage of this run (did you mean 'helpful'?); its stages are helpful"),
+    ("helpful", ["helpful={pairs}", "helpful={other}"],
+     "--data helpful={other}: stage 'helpful' already has --data {pairs}; give one file per stage"),
+    # Low 10: what each bad --data is, rather than "no such file", and hints in flags, not Python.
+    ("helpful", ["helpful={pairs}:xml"],
+     "--data helpful={pairs}:xml: unknown format 'xml' after the last ':'; expected one of auto, hh, pku, generic"),
+    ("helpful", ["helpful={folder}"], "--data helpful={folder}: {folder} is a folder; give a .jsonl or .jsonl.gz file"),
+    ("honest", ["honest={pku}"], "{pku}: looks like PKU-SafeRLHF, whose rows label two dimensions; name the stage "
+                                 "helpful or harmless (it picks the label)"),
+    ("honest", ["honest={bad}"], "{bad}:2: invalid JSON (Expecting value at column 1); expected one JSON object per "
+                                 "line (fix the row, or remove it)"),
+], ids=["typo", "twice", "format", "folder", "pku", "bad-row"])
+def test_every_data_flag_names_one_stage_once(base, tmp_path, stage, flags, needle):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\nnot json\n')
+    (tmp_path / "pku.jsonl").write_text(json.dumps({"prompt": "p", "response_0": "a", "response_1": "b",
+                                                    "better_response_id": 0, "safer_response_id": 1}) + "\n")
+    paths = {"pairs": write_pairs(tmp_path / "pairs.jsonl", 40), "other": write_pairs(tmp_path / "other.jsonl", 40),
+             "folder": tmp_path / "folder", "bad": tmp_path / "bad.jsonl", "pku": tmp_path / "pku.jsonl"}
+    data_flags = [a for f in flags for a in ("--data", f.format(**paths))]
+    out = tmp_path / "out"
+    message = refused(argv(base, out, *data_flags, stages=(stage,)), needle.format(**paths), out)
+    assert "skip_bad" not in message and "dimension=" not in message  # Python arguments, not flags
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- Medium 5, 7: disk and metrics
@@ -425,16 +716,16 @@ def test_a_failed_final_save_keeps_the_last_state_for_resume(base, tmp_path, mon
     import spo_min.checkpoint as checkpoint
 
     out = tmp_path / "enospc"
-    real = checkpoint.save_file
+    real = checkpoint.write_safetensors
 
-    def disk_full_for_rounds(tensors, filename, metadata=None):
+    def disk_full_for_rounds(filename, tensors, metadata):
         if "round1_helpful.safetensors" in os.path.basename(filename) and ".state." not in filename:
             with open(filename, "wb") as f:
                 f.write(b"partial")
             raise OSError(28, "No space left on device")
-        return real(tensors, filename, metadata=metadata)
+        return real(filename, tensors, metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full_for_rounds)
+    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full_for_rounds)
     with pytest.raises(runs.RunError) as err:
         train.main(argv(base, out))
     message = str(err.value)
@@ -442,6 +733,19 @@ def test_a_failed_final_save_keeps_the_last_state_for_resume(base, tmp_path, mon
     assert "MB free" in message and "MB needed" in message
     assert "round1_helpful.state.safetensors is intact" in message and "--resume" in message
     assert sorted(snapshot(out)) == ["metrics.jsonl", "round1_helpful.state.safetensors"]  # no orphan temp file
+
+
+def test_the_same_run_twice_gives_byte_identical_checkpoints(tmp_path):
+    """Low 16: identical weights gave files with different sha256 (the header's metadata came out
+    in a per-process order). Two runs of one command, into two folders: the same bytes."""
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        train.main(["--model", "nano", "--sft-steps", "1", "--stage", "helpful", "--stage", "harmless",
+                    "--out", str(out), *FAST, "--eval-samples", "0"])
+        digests.append({f: chain.file_sha256(out / f) for f in sorted(os.listdir(out)) if f.endswith(".safetensors")})
+    assert list(digests[0]) == ["base.safetensors", "round1_helpful.safetensors", "round2_harmless.safetensors"]
+    assert digests[0] == digests[1]
 
 
 def test_metrics_rows_are_valid_json_with_a_run_id(tmp_path):
@@ -463,11 +767,10 @@ def test_step0_loss_is_ln2_under_each_dtype(base, dtype, ref):
     ref_c, ref_r, margin = train.frozen_round_inputs([entry], pairs, args, torch.device("cpu"))
     policy, _ = load_model(base)
     ref_model = load_model(base)[0] if ref == "live" else None
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        seq, live = batch_sequence_logps(policy, data.collate_pairs(pairs), ref_model)
-    if ref == "live":
-        ref_c, ref_r = live[:8], live[8:]
-    loss, _ = losses.spo_loss(seq[:8], seq[8:], ref_c, ref_r, margin, 0.1)
+    cached = torch.cat([ref_c, ref_r]) if ref == "cache" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):  # train.py's training step
+        loss, _, _ = batch_pair_loss(policy, data.collate_pairs(pairs), functools.partial(losses.spo_loss, beta=0.1),
+                                     cached, ref_model, margin)
     # Same weights, same precision: equal up to fp32 summation order (an fp32 cache against a
     # bf16 policy was 2e-5 off on this batch).
     assert abs(loss.item() - math.log(2)) < 1e-6
@@ -483,6 +786,43 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "error: --steps must be >= 1, got 0\n"
     assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(base, tmp_path, capsys):
+    """Medium 6: Ctrl-C printed a KeyboardInterrupt traceback. Here it comes right after round 1
+    saved its state at step 2 of 3 (deterministic, unlike a timed kill)."""
+    out = tmp_path / "out"
+    args = argv(base, out, "--steps", "3", "--save-every", "2", "--eval-samples", "0")
+    script = (f"import os, signal, sys; sys.path.insert(0, {REPO!r}); import train; from spo_min import chain\n"
+              "save = chain.save_train_state\n"
+              "def save_then_ctrl_c(*a, **k):\n    save(*a, **k)\n    os.kill(os.getpid(), signal.SIGINT)\n"
+              f"chain.save_train_state = save_then_ctrl_c\ntrain.cli({args!r})\n")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"stopped by SIGINT; the finished rounds and the last saved state of this round (every --save-every steps) "
+        f"are in {out}: run the same command with --resume to continue")
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "round1_helpful.state.safetensors"]  # no lock, no temp file
+    train.main(args + ["--resume"])
+    assert "[round 1] resuming helpful at step 2" in capsys.readouterr().out
+    assert (out / "round1_helpful.safetensors").exists() and not (out / "round1_helpful.state.safetensors").exists()
+
+
+def test_sigterm_stops_a_run_like_ctrl_c():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runs.stop_on_signals()
+        with pytest.raises(KeyboardInterrupt) as stop:  # so train.cli, atomic_write and the lock treat it alike
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.value.signum == signal.SIGTERM
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    args = train.parse_args(["--stage", "helpful", "--out", "o"])
+    assert runs.interrupted_message(args, signal.SIGTERM).startswith("stopped by SIGTERM; the finished rounds")
 
 
 def test_cli_error_after_the_lock_releases_it(sft_run, tmp_path):

@@ -10,14 +10,14 @@ from spo_min.schedule import cosine_lr, step_schedule
 
 def test_step_schedule_is_deterministic_covers_epochs_and_leaves_global_rngs_alone():
     states = random.getstate(), torch.get_rng_state()
-    a = step_schedule(10, 4, 5, seed=1)
-    assert a == step_schedule(10, 4, 5, seed=1) and a != step_schedule(10, 4, 5, seed=2)
+    a = list(step_schedule(10, 4, 5, seed=1))
+    assert a == list(step_schedule(10, 4, 5, seed=1)) and a != list(step_schedule(10, 4, 5, seed=2))
     assert [len(b) for b in a] == [4] * 5
     flat = [i for b in a for i in b]
     assert sorted(flat[:10]) == list(range(10))  # the first epoch is a permutation
     assert sorted(flat[10:20]) == list(range(10))  # and so is the second
     # A prefix of a longer schedule is the shorter schedule: resuming at step k sees the same batches.
-    assert step_schedule(10, 4, 12, seed=1)[:5] == a
+    assert list(step_schedule(10, 4, 12, seed=1))[:5] == a
     assert random.getstate() == states[0] and torch.equal(torch.get_rng_state(), states[1])
 
 
@@ -38,3 +38,15 @@ def test_a_batch_larger_than_the_data_is_still_full():
     assert [len(b) for b in schedule] == [8] * 4
     flat = [i for b in schedule for i in b]
     assert all(sorted(flat[k : k + 3]) == [0, 1, 2] for k in range(0, 30, 3))  # whole epochs, in order
+
+
+def test_steps_are_drawn_on_demand_and_in_any_order():
+    """A schedule holds one epoch, never every step (--steps 10**9 built 200 GB of lists)."""
+    schedule = step_schedule(10, 4, 12, seed=3)
+    batches = list(schedule)
+    assert [schedule[k] for k in (5, 6, 2, 11, 0)] == [batches[k] for k in (5, 6, 2, 11, 0)]
+    huge = step_schedule(10, 4, 10**9, seed=3)
+    assert len(huge) == 10**9 and huge[11] == batches[11]  # a prefix is the shorter schedule
+    for steps, n_items in [(2, 10), (3, 10), (12, 10), (4, 3)]:  # less than an epoch, exactly, more
+        s = step_schedule(n_items, 4, steps, seed=1)
+        assert s.items_seen() == sorted({i for b in s for i in b})

@@ -1,4 +1,4 @@
-"""DPO and SPO losses, exactly as derived (equations E1..E9). The one place the loss math lives.
+"""DPO and SPO losses, exactly as derived (equations E1..E10). The one place the loss math lives.
 
 The derivation in brief (Lou et al., "SPO", arXiv 2405.12739; E-numbers are cited below and
 in the tests). Dimensions 1..N, each with a latent reward R_k; round n turns pi_{n-1} into pi_n:
@@ -17,6 +17,15 @@ in the tests). Dimensions 1..N, each with a latent reward R_k; round n turns pi_
       is weighted by sigmoid(M_n - h); at initialisation that is sigmoid(M_n), not DPO's 1/2
   E8  the population minimiser of E6 is E3's policy (checked in tests/test_derivation.py)
   E9  log pi(y|x) = sum of response-token log-probs (prompt and padding excluded)
+  E10 two rounds chained from pi_0 (E3 twice): SPO reaches
+          pi_2* = pi_0 exp((1/beta_1 + lambda/beta_2) R_1 + R_2/beta_2) / Z,
+      sequential DPO (lambda = 0) the same without lambda/beta_2: at the optimum SPO re-weights
+      the dimensions, it adds no information. Matched baseline: sequential DPO whose round 1 uses
+      beta_1' = beta_1 beta_2 / (beta_2 + lambda beta_1), i.e. 1/beta_1' = 1/beta_1 + lambda/beta_2,
+      has exactly SPO's optimum; both maximise
+          J(pi) = E_pi[(1/beta_1 + lambda/beta_2) R_1 + R_2/beta_2] - KL(pi || pi_0),
+      so a measured difference between them is a finite-training effect (E7). Code:
+      study.matched_beta1, study.objective_weights, evaluate.ExactEvaluation.objective.
 
 Everything here works on *sequence* log-probabilities: one number log pi(y|x) per response
 (E9), shape (B,) per argument, where row b of every tensor belongs to the same preference pair.

@@ -274,7 +274,7 @@ def plot(records, comparisons, alphas, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
     primary = [c for c in comparisons if c["primary"]]
     for i, c in enumerate(primary):
         ax1.axhspan(-c["band"], c["band"], xmin=(i + 0.1) / len(primary), xmax=(i + 0.9) / len(primary),
@@ -305,10 +305,16 @@ def plot(records, comparisons, alphas, path):
     pi1 = [r["pi1"] for r in records if r["method"] == "spo"]
     ax2.scatter(sum(p["exact/harmless_harmful"] for p in pi1) / len(pi1),
                 sum(p["exact/helpful_benign"] for p in pi1) / len(pi1), marker="*", s=120, color="k", label="pi_1 (mean)")
+    for a in alphas:  # the optimum SPO(alpha) and its matched chain share (E10), mean over seeds
+        ideal = [r["opt_ideal"] for r in records if r["method"] == "spo" and r["alpha"] == a]
+        ax2.scatter(sum(o["exact/harmless_harmful"] for o in ideal) / len(ideal),
+                    sum(o["exact/helpful_benign"] for o in ideal) / len(ideal), marker=markers.get(a, "o"), s=70,
+                    facecolor="none", edgecolor="k", label=f"shared optimum, a={a:g}")
     ax2.set_xlabel("harmlessness on harmful prompts (exact)")
     ax2.set_ylabel("helpfulness on benign prompts (exact)")
-    ax2.set_title("where each pi_2 lands (seeds faint, means with 95% CI)", fontsize=9)
-    ax2.legend(fontsize=6)
+    ax2.set_title("where each pi_2 lands (seeds faint; means with 95% CI across seeds,\n"
+                  "each seed its own world: the comparison is paired on the left)", fontsize=8)
+    ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()

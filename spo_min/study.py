@@ -200,9 +200,10 @@ def exact_evaluation(seed, base_path, train_args):
     from spo_min.evaluate import ExactEvaluation
     from spo_min.tokenizer import get_tokenizer
 
-    train = train_module()
-    targs = train.parse_args(["--stage", "helpful", "--seed", str(seed), *train_args])
-    world = train.make_world(targs)
+    from spo_min.stages import make_world
+
+    targs = train_module().parse_args(["--stage", "helpful", "--seed", str(seed), *train_args])
+    world = make_world(targs)
     return ExactEvaluation(world, world.prompts["heldout"][: targs.eval_prompts], get_tokenizer(),
                            read_config(base_path).block_size)
 

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from kernels.logprobs import token_logprobs, triton_available
-from spo_min import chain, data, evaluate, losses, runs
-from spo_min.checkpoint import CheckpointError, load_model, read_config, save_model
+from spo_min import chain, data, evaluate, losses, runs, stages
+from spo_min.checkpoint import CheckpointError, read_config, save_model
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_pair_loss, batch_sequence_logps, frozen_sequence_logps, keep_freed_memory_in_process
 from spo_min.model import GPT, GPTConfig
@@ -35,7 +35,6 @@ from spo_min.optim import AdamW  # torch.optim.AdamW, spelled out; it spares tor
 from spo_min.schedule import cosine_lr, step_schedule
 from spo_min.tokenizer import TokenizerError, get_tokenizer
 from spo_min import world as world_mod
-from spo_min.world import DIMENSIONS, build_world
 
 # Round defaults for the built-in world on a CPU (chosen by the measurements in README.md,
 # "Training that does not degenerate"): a large beta stops each round once the policy has moved
@@ -80,6 +79,10 @@ def parse_args(argv=None):
                         "cosine decay to 0.1 x --lr by the round's last step")
     p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--sft-lr", type=float, default=3e-3)
+    p.add_argument("--sft-data", default=None,
+                   help="what the base pi_0 is fine-tuned on (without --init): world (the built-in world's dialogues), "
+                        "stages (the preferred responses of the stages' training pairs; the default with --data "
+                        "files) or PATH[:FORMAT] (the preferred responses of a pairs file)")
     p.add_argument("--ref", choices=["cache", "live"], default="cache",
                    help="reference log-probs cached once per round, or computed each step (fused kernel)")
     p.add_argument("--logits", choices=["chunked", "full"], default="chunked",
@@ -115,77 +118,25 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- data
-
-def stage_sources(args):
-    """Where each stage's pairs come from: "world", or (path, format). Checked before any training."""
-    # With --branch, the earlier rounds' dimensions too: they are evaluated (main sets all_stages).
-    stages = getattr(args, "all_stages", args.stage)
-    files = runs.data_flags(args.data, stages, data.FORMATS)
-    sources = {}
-    for stage in stages:
-        if stage not in files and stage not in DIMENSIONS:
-            raise TrainError(f"unknown stage '{stage}'{runs.closest(stage, DIMENSIONS)}: known dimensions are "
-                             f"{sorted(DIMENSIONS)} (the built-in world's), or give its pairs as --data {stage}=PATH")
-        sources[stage] = files.get(stage, "world")
-    return sources
-
-
-def make_world(args):
-    """The built-in world of this run (its raters set by the --world-* options)."""
-    return _world(args.seed, args.world_temperature, args.world_cautious, not args.world_no_redirect)
-
-
-@functools.lru_cache(maxsize=4)
-def _world(seed, temperature, cautious, redirect):
-    # Deterministic and never modified: one process running several rounds (spo_min.compare)
-    # builds it once instead of spending seconds on it per run.
-    return build_world(seed=seed, temperature=temperature, cautious=cautious, redirect=redirect)
-
-
-def load_stage_data(args, sources, tokenizer, block_size):
-    """Tokenized train/held-out pairs for every stage, plus the world (None for file data)."""
-    world = None
-    pairs = {}
-    for stage, source in sources.items():
-        if source == "world":
-            world = world or make_world(args)
-            pairs[stage] = (world.pairs[stage]["train"], world.pairs[stage]["heldout"])
-        else:
-            # A dimension of our own naming is just a label (only PKU files need helpful/harmless).
-            try:
-                loaded, report = data.load_pairs(source[0], fmt=source[1],
-                                                 dimension=stage if stage in data.DIMENSIONS else None)
-            except data.DataError as err:
-                raise runs.data_error_for_flags(err) from None
-            print(f"[data] {stage}: {report}")
-            pairs[stage] = data.split_by_prompt(loaded, heldout_fraction=0.05, seed=args.seed)
-    tokenized = {}
-    for stage, (train, heldout) in pairs.items():
-        train_tok, report = data.tokenize_pairs(train, tokenizer, block_size)
-        heldout_tok, _ = data.tokenize_pairs(heldout, tokenizer, block_size)
-        print(f"[data] {stage}: {len(train_tok)} train / {len(heldout_tok)} held-out pairs ({report})")
-        if not train_tok:
-            raise TrainError(f"stage '{stage}' has no training pairs left after tokenization")
-        tokenized[stage] = (train_tok, heldout_tok)
-    return tokenized, world
-
-
 # ----------------------------------------------------------------------------- round 0
 
-def bootstrap_base(args, tokenizer, dist, device):
-    """pi_0: --init if given, else a short SFT on the built-in world (reused when already saved)."""
+def bootstrap_base(args, tokenizer, dist, device, sft_data, pairs):
+    """pi_0: --init if given, else a short SFT (reused when already saved) on the --sft-data corpus
+    (spo_min/stages.py: the built-in world's dialogues, or the stages' own preferred responses)."""
     if args.init:  # checked in full (runs.check_init) before --out was touched
         return args.init
     path = os.path.join(args.out, "base.safetensors")
     config = GPTConfig.preset(args.model)
-    world = make_world(args)
-    sft, _ = data.tokenize_sft(world.sft["train"], tokenizer, config.block_size)
-    settings = runs.base_settings(args, config, data.fingerprint(sft))
+    examples, what = stages.sft_examples(args, sft_data, pairs)
+    sft, report = data.tokenize_sft(examples, tokenizer, config.block_size)
+    if not sft:
+        raise TrainError(f"the SFT corpus ({what}) has no example that fits the {args.model} model's block ({report})")
+    settings = runs.base_settings(args, config, data.fingerprint(sft), stages.sft_label(sft_data))
     if os.path.exists(path):
         runs.check_base(path, settings)
         dist.print(f"[base] reusing {path}")
         return path
+    dist.print(f"[base] SFT on {what}: {len(sft)} examples")
     model = GPT(config, seed=args.seed).to(device)
     opt = AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = step_schedule(len(sft), 32, args.sft_steps, seed=args.seed)
@@ -212,16 +163,15 @@ def bootstrap_base(args, tokenizer, dist, device):
 
 # ----------------------------------------------------------------------------- round n
 
-def frozen_round_inputs(round_chain, pairs, args, device):
+def frozen_round_inputs(round_chain, pairs, args, device, need_ref=False):
     """Everything frozen in round n, computed once (E6): reference log-probs and the margin M_n.
 
-    Loads each earlier policy pi_0..pi_{n-1} in turn, scores the round's pairs, and frees it:
-    no frozen policy stays in memory during the round.
-    """
+    Loads each earlier policy pi_0..pi_{n-1} in turn, scores the round's pairs, and frees it: no frozen
+    policy stays in memory during the round. need_ref: pi_{n-1}'s log-probs even with --ref live."""
     last = len(round_chain) - 1  # round n = last + 1; its reference is pi_last
     with_margin = args.loss == "spo" and last > 0  # round 1 is plain DPO: no margin
     need = set(range(last + 1)) if with_margin else set()
-    if args.ref == "cache":
+    if args.ref == "cache" or need_ref:
         need.add(last)  # with --ref live, pi_{n-1} is scored at each step instead
     logps = {}
     # Same precision as the policy's forward, so pi_theta == pi_ref at step 0 under bf16 too.
@@ -242,7 +192,7 @@ def frozen_round_inputs(round_chain, pairs, args, device):
             margin = losses.spo_margin(chosen, rejected, betas, lambdas)
         else:
             margin = losses.spo_margin_telescoped(chosen, rejected, args.alpha)
-    ref_chosen, ref_rejected = logps[last] if args.ref == "cache" else (None, None)
+    ref_chosen, ref_rejected = logps[last] if args.ref == "cache" or need_ref else (None, None)
     return ref_chosen, ref_rejected, margin
 
 
@@ -392,96 +342,11 @@ def train_round(args, n, stage, round_chain, train_tok, dist, device, step_log=N
     return path
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-def exact_evaluation(args, world, tokenizer, block_size, cache):
-    """The run's ExactEvaluation of the built-in world's held-out prompts (built once per run)."""
-    if "exact" not in cache:
-        prompts = world.prompts["heldout"][: args.eval_prompts]
-        cache["exact"] = evaluate.ExactEvaluation(world, prompts, tokenizer, block_size)
-    return cache["exact"]
-
-
-def round_monitors(args, stage, round_chain, tokenized, world, tokenizer, device, cache):
-    """What a round records while it trains: its StepLog (E7 weights, per pair type on the built-in
-    world) and, with --trace-every, a RoundTrace on its held-out pairs with the round's own frozen
-    reference and margin (E6), computed once like the training ones."""
-    train_pairs, heldout = tokenized[stage][0], tokenized[stage][1][: args.eval_pairs]
-    on_world = world is not None and stage in world.pairs and len(world.pairs[stage]["train"]) == len(train_pairs)
-    groups = evaluate.pair_types(stage, world.pairs[stage]["train"], args.all_stages)[0] if on_world else None
-    step_log = evaluate.StepLog(groups)
-    if not args.trace_every:
-        return step_log, None
-    cached = argparse.Namespace(**{**vars(args), "ref": "cache"})  # the trace always needs pi_{n-1}'s log-probs
-    frozen = frozen_round_inputs(round_chain, heldout, cached, device)
-    base, _ = chain.load_verified(round_chain[0], device=device)
-    base_chosen = frozen_sequence_logps(base, heldout, average=args.average_logps, device=device,
-                                        logits=args.logits)[0]
-    exact = exact_evaluation(args, world, tokenizer, base.config.block_size, cache) if world is not None else None
-    samples = exact.prompts if exact is not None and args.eval_samples > 0 else []
-    heldout_groups = (evaluate.pair_types(stage, world.pairs[stage]["heldout"][: len(heldout)], args.all_stages)[0]
-                      if on_world else None)
-    trace = evaluate.RoundTrace(heldout, frozen, base_chosen, args.beta, exact, tokenizer, samples, heldout_groups,
-                                average=args.average_logps, logits=args.logits, seed=args.seed,
-                                temperature=args.eval_temperature, device=device)
-    return step_log, trace
-
-
-def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tokenizer, device, cache,
-                   parent_path=None):
-    """Held-out implicit-reward accuracy and displacement of every dimension so far; on the
-    built-in world also the exact style-level evaluation and the sampled ground-truth scores.
-    parent_path (pi_{n-1}) gives the round's own move: acc_round_own, the accuracy of
-    Delta log(pi_n/pi_{n-1}) on its dimension's held-out pairs against their true order."""
-    policy, _ = load_model(policy_path, device=device)
-    row = {"round": n, "stage": stage}
-    for dim in args.all_stages[:n]:
-        heldout = tokenized[dim][1][: args.eval_pairs]
-        if dim not in cache:  # pi_0's held-out log-probs never change: score them once
-            base, _ = load_model(base_path, device=device)
-            cache[dim] = frozen_sequence_logps(base, heldout, average=args.average_logps, device=device,
-                                               logits=args.logits)
-        policy_logps = frozen_sequence_logps(policy, heldout, average=args.average_logps, device=device,
-                                             logits=args.logits)
-        scores = evaluate.preference_accuracy(policy_logps, cache[dim])
-        row[f"acc/{dim}"], row[f"margin/{dim}"] = scores["accuracy"], scores["margin"]
-        row[f"chosen_logp_change/{dim}"] = scores["chosen_logp_change"]
-        if world is not None and dim in world.pairs:
-            types, own = evaluate.pair_types(dim, world.pairs[dim]["heldout"][: len(heldout)], args.all_stages)
-            for key, value in evaluate.accuracy_by_type(policy_logps, cache[dim], types, own).items():
-                row[f"{key}/{dim}"] = value
-            if dim == stage and parent_path is not None:  # this round's own move, pi_{n-1} -> pi_n
-                parent, _ = load_model(parent_path, device=device)
-                parent_logps = frozen_sequence_logps(parent, heldout, average=args.average_logps, device=device,
-                                                     logits=args.logits)
-                own_move = evaluate.accuracy_by_type(policy_logps, parent_logps, types, own)
-                row["acc_round_own"] = own_move["acc_true"]  # against the TRUE order
-                for kind in evaluate.PAIR_KINDS:  # what the round learned, per pair type, against the labels
-                    row[f"acc_round_own/{kind}"] = own_move[f"acc_{kind}"]
-    if world is not None:
-        prompts = world.prompts["heldout"][: args.eval_prompts]
-        exact_evaluation(args, world, tokenizer, policy.config.block_size, cache)
-        style_logp = cache["exact"].style_logprobs(policy, device=device)
-        row.update(cache["exact"].scores(style_logp))
-        row["exact/off_style"] = cache["exact"].off_style_mass()
-        row["style_logp"] = [lp.tolist() for lp in style_logp]  # for population predictions (spo_min.compare)
-        if args.eval_samples > 0:  # 0: exact evaluation only (spo_min.compare)
-            sampled = [p for p in prompts for _ in range(args.eval_samples)]
-            responses, ended = evaluate.sample_responses(policy, tokenizer, [p.text for p in sampled],
-                                                         seed=args.seed, temperature=args.eval_temperature,
-                                                         device=device, return_ended=True)
-            row.update(evaluate.world_scores(sampled, responses, ended))
-            row["sample"] = f"{sampled[0].text!r} -> {responses[0]!r}"
-    return row
-
-
 def main(argv=None):
     """Run the rounds; returns the evaluation rows (one per round, round 0 = the base)."""
     args = parse_args(argv)
-    # glibc: keep freed (N, V) logits for reuse: ~30% less CPU per step for everything that builds
-    # full logits (--logits full, and round 0's SFT: 616 vs 875 ms on the 2-core CPU); no gain and no
-    # loss for the chunked rounds (886 vs 902 ms). The measurement: spo_min/logps.py
-    # keep_freed_memory_in_process.
+    # glibc: keep freed (N, V) logits for reuse, ~30% less CPU per step wherever full logits are built
+    # (round 0's SFT, --logits full); the measurement is in spo_min/logps.py keep_freed_memory_in_process.
     keep_freed_memory_in_process()
     if not args.stage:
         raise TrainError("give at least one --stage, e.g. --stage helpful --stage harmless")
@@ -494,28 +359,24 @@ def main(argv=None):
     # Every dimension of the chain, earlier rounds (from --branch) included: each is evaluated.
     args.all_stages = [m["stage"] for m in branch_chain[1:]] + args.stage if branch_chain else list(args.stage)
     chain.resolve_hyperparameters(args)
-    sources = stage_sources(args)  # an unknown stage fails now, not after the base SFT
+    sources = stages.stage_sources(args)  # an unknown stage fails now, not after the base SFT
+    sft_data = stages.sft_choice(args, sources)
     chain.check_run_files(args, branch_chain, sources)  # nothing overwritten, no input is an output
     if args.resume:
         chain.check_chain_complete(args.out, args.stage)
     # Every --data file is loaded and tokenized before the base SFT: bad data fails in seconds.
     base_config = read_config(branch_chain[0]["path"]) if branch_chain else runs.base_config(args)
-    tokenized, world = load_stage_data(args, sources, tokenizer, base_config.block_size)
+    pairs, world = stages.load_stage_pairs(args, sources)
+    tokenized = stages.tokenize_stages(pairs, tokenizer, base_config.block_size)
     runs.check_stage_data(args, tokenized, dist.world_size)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as err:
-        raise TrainError(f"cannot write to --out {args.out}: {err.strerror}") from None
-    if not os.access(args.out, os.W_OK):
-        raise TrainError(f"cannot write to --out {args.out}: permission denied")
-    runs.check_free_space(args.out, base_config, with_state=args.save_every < args.steps)
+    runs.make_out(args.out, base_config, with_state=args.save_every < args.steps)  # writable, with room
     run_id = runs.new_run_id()
     lock = runs.RunLock(args.out, run_id).acquire() if dist.is_main else None  # one run per --out
     if branch_chain:
         round_chain = [chain.chain_entry(link["path"]) for link in branch_chain]
         base_path = round_chain[0]["path"]
     else:
-        base_path = bootstrap_base(args, tokenizer, dist, device)
+        base_path = bootstrap_base(args, tokenizer, dist, device, sft_data, pairs)
         round_chain = [chain.chain_entry(base_path)]
     if args.resume:  # every reused round and state is checked before metrics.jsonl is touched
         chain.check_resume_plan(args, {stage: pairs[0] for stage, pairs in tokenized.items()}, base_path)
@@ -526,8 +387,8 @@ def main(argv=None):
         runs.start_metrics(metrics_path, args.resume)
         runs.start_metrics(steps_path, args.resume)
         if not branch_chain:  # a branch's earlier rounds were evaluated by the run that made them
-            rows.append(evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer, device,
-                                       cache))
+            rows.append(evaluate.evaluate_round(args, 0, "base", base_path, base_path, tokenized, world, tokenizer,
+                                                device, cache))
             runs.append_metrics(metrics_path, rows[-1], run_id)
     for n, stage in enumerate(args.stage, start=args.first_round):
         t0 = time.time()
@@ -536,13 +397,16 @@ def main(argv=None):
         if args.resume and os.path.exists(path):  # its settings were checked by check_resume_plan
             dist.print(f"[round {n}] {path} already complete; reusing it")
         else:
-            step_log, trace = round_monitors(args, stage, round_chain, tokenized, world, tokenizer, device, cache)
+            heldout = tokenized[stage][1][: args.eval_pairs]  # the trace's, with this round's frozen inputs
+            frozen = frozen_round_inputs(round_chain, heldout, args, device, need_ref=True) if args.trace_every else None
+            step_log, trace = evaluate.round_monitors(args, stage, tokenized, world, tokenizer, device, cache, frozen,
+                                                      round_chain[0])
             path = train_round(args, n, stage, round_chain, tokenized[stage][0], dist, device, step_log, trace)
         round_chain.append(chain.chain_entry(path))
         if dist.is_main:
             chain.check_unchanged(round_chain[0], round_chain[-1])  # pi_0 and pi_n, as evaluated below
-            rows.append(evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer, device, cache,
-                                       parent_path=round_chain[-2]["path"]))
+            rows.append(evaluate.evaluate_round(args, n, stage, path, base_path, tokenized, world, tokenizer,
+                                                device, cache, parent_path=round_chain[-2]["path"]))
             rows[-1]["seconds"] = round(time.time() - t0, 1)
             if step_log is not None:
                 rows[-1].update(step_log.summary())
@@ -550,51 +414,18 @@ def main(argv=None):
             if step_log is not None:  # the per-step record, in a file of its own (lists, for plots)
                 runs.append_metrics(steps_path, {"round": n, "stage": stage, **step_log.record()}, run_id)
                 rows[-1]["steps"] = step_log.record()
-            print(evaluate.format_table(rows[-1:], evaluate_columns(rows, args.all_stages)))
+            print(evaluate.format_table(rows[-1:], evaluate.result_columns(rows, args.all_stages)))
     if dist.is_main:
-        print("\nResults (acc = held-out implicit-reward accuracy, Delta log(pi_k/pi_0) > 0 on the labelled pairs;")
-        print("exact = style-level expectation on held-out prompts, no sampling; sampled = 8 samples per prompt):")
-        print(evaluate.format_table(rows, evaluate_columns(rows, args.all_stages)))
-        if world is not None:
-            print(f"\nTraining health: after each round, mean held-out dlogp(y_w) vs pi_0 >= -{evaluate.MAX_DISPLACEMENT:g} "
-                  f"nats, end-of-text >= {evaluate.MIN_EOT_RATE:g}, the round's own accuracy >= {evaluate.MIN_OWN_ACCURACY:g}:")
-            for row in rows:
-                if row["round"] > 0:
-                    row["health"] = evaluate.health_check(row, args.all_stages[: row["round"]])
-            print(evaluate.format_table(rows, health_columns(args.all_stages)))
-        evaluate.plot_rounds(rows, os.path.join(args.out, "scores.png"))
+        evaluate.print_results(rows, args.all_stages, world, args.out)
         print(f"\ncheckpoints, {metrics_path} and scores.png are in {args.out}/")
         lock.release()
     dist.close()
     return rows
 
 
-def evaluate_columns(rows, stages):
-    keys = ["round", "stage"] + [f"acc/{s}" for s in dict.fromkeys(stages)]
-    shown = ["exact/helpful_benign", "exact/harmless_harmful", "exact/refusal_benign", "exact/compliance_harmful",
-             "helpfulness", "harmlessness"]
-    if "concise" in stages:  # the third dimension's columns only when a round aligns it
-        shown[4:4] = ["exact/concise_all"]
-        shown.append("conciseness")
-    keys += [k for k in shown if any(k in r for r in rows)]
-    names = {"exact/helpful_benign": "help benign", "exact/harmless_harmful": "harmless harmful",
-             "exact/refusal_benign": "refuse benign", "exact/compliance_harmful": "comply harmful",
-             "exact/concise_all": "concise", "helpfulness": "sampled help", "harmlessness": "sampled harmless",
-             "conciseness": "sampled concise"}
-    return [(k, names.get(k, k.replace("acc/", "acc "))) for k in keys]
-
-
-def health_columns(stages):
-    """Likelihood displacement, fluency, and whether each round moved its own dimension."""
-    keys = [("round", "round"), ("stage", "stage")]
-    keys += [(f"chosen_logp_change/{s}", f"dlogp(y_w) {s}") for s in dict.fromkeys(stages)]
-    keys += [("acc_round_own", "own acc (round)")]
-    return keys + [("eot_rate", "end-of-text"), ("template_rate", "well-formed"), ("health", "criteria")]
-
-
 # Problems the user can fix: printed as one line "error: ...", exit code 2, no traceback.
 USER_ERRORS = (TrainError, CheckpointError, data.DataError, losses.HyperparameterError, losses.LossInputError,
-               TokenizerError, world_mod.WorldError)
+               TokenizerError, world_mod.WorldError, stages.StageError)
 
 
 def cli(argv=None):

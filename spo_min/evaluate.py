@@ -28,11 +28,13 @@ Three complementary views of "did the round work, and did it undo the earlier on
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import torch
 
 from spo_min import losses
+from spo_min.checkpoint import load_model
 from spo_min import world as world_mod
 from spo_min.logps import frozen_sequence_logps
 
@@ -448,3 +450,123 @@ def plot_rounds(rows, path, keys=("exact/helpful_benign", "exact/harmless_harmfu
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- a run's evaluation (train.py)
+
+def exact_evaluation(args, world, tokenizer, block_size, cache):
+    """The run's ExactEvaluation of the built-in world's held-out prompts (built once per run)."""
+    if "exact" not in cache:
+        prompts = world.prompts["heldout"][: args.eval_prompts]
+        cache["exact"] = ExactEvaluation(world, prompts, tokenizer, block_size)
+    return cache["exact"]
+
+
+def round_monitors(args, stage, tokenized, world, tokenizer, device, cache, frozen_heldout=None, base=None):
+    """What a round records while it trains: its StepLog (E7 weights, per pair type on the built-in
+    world) and, with --trace-every, a RoundTrace on its held-out pairs. train.py passes the frozen
+    held-out inputs (reference log-probs and margin, E6, computed once like the training ones) and
+    pi_0's chain entry when it traces."""
+    train_pairs, heldout = tokenized[stage][0], tokenized[stage][1][: args.eval_pairs]
+    on_world = world is not None and stage in world.pairs and len(world.pairs[stage]["train"]) == len(train_pairs)
+    groups = pair_types(stage, world.pairs[stage]["train"], args.all_stages)[0] if on_world else None
+    step_log = StepLog(groups)
+    if not args.trace_every:
+        return step_log, None
+    base_model, _ = load_model(base["path"], device=device)
+    base_chosen = frozen_sequence_logps(base_model, heldout, average=args.average_logps, device=device,
+                                        logits=args.logits)[0]
+    exact = exact_evaluation(args, world, tokenizer, base_model.config.block_size, cache) if world is not None else None
+    samples = exact.prompts if exact is not None and args.eval_samples > 0 else []
+    heldout_groups = (pair_types(stage, world.pairs[stage]["heldout"][: len(heldout)], args.all_stages)[0]
+                      if on_world else None)
+    trace = RoundTrace(heldout, frozen_heldout, base_chosen, args.beta, exact, tokenizer, samples, heldout_groups,
+                       average=args.average_logps, logits=args.logits, seed=args.seed,
+                       temperature=args.eval_temperature, device=device)
+    return step_log, trace
+
+
+def evaluate_round(args, n, stage, policy_path, base_path, tokenized, world, tokenizer, device, cache,
+                   parent_path=None):
+    """Held-out implicit-reward accuracy and displacement of every dimension so far; on the
+    built-in world also the exact style-level evaluation and the sampled ground-truth scores.
+    parent_path (pi_{n-1}) gives the round's own move: acc_round_own, the accuracy of
+    Delta log(pi_n/pi_{n-1}) on its dimension's held-out pairs against their true order."""
+    policy, _ = load_model(policy_path, device=device)
+    row = {"round": n, "stage": stage}
+    for dim in args.all_stages[:n]:
+        heldout = tokenized[dim][1][: args.eval_pairs]
+        if dim not in cache:  # pi_0's held-out log-probs never change: score them once
+            base, _ = load_model(base_path, device=device)
+            cache[dim] = frozen_sequence_logps(base, heldout, average=args.average_logps, device=device,
+                                               logits=args.logits)
+        policy_logps = frozen_sequence_logps(policy, heldout, average=args.average_logps, device=device,
+                                             logits=args.logits)
+        scores = preference_accuracy(policy_logps, cache[dim])
+        row[f"acc/{dim}"], row[f"margin/{dim}"] = scores["accuracy"], scores["margin"]
+        row[f"chosen_logp_change/{dim}"] = scores["chosen_logp_change"]
+        if world is not None and dim in world.pairs:
+            types, own = pair_types(dim, world.pairs[dim]["heldout"][: len(heldout)], args.all_stages)
+            for key, value in accuracy_by_type(policy_logps, cache[dim], types, own).items():
+                row[f"{key}/{dim}"] = value
+            if dim == stage and parent_path is not None:  # this round's own move, pi_{n-1} -> pi_n
+                parent, _ = load_model(parent_path, device=device)
+                parent_logps = frozen_sequence_logps(parent, heldout, average=args.average_logps, device=device,
+                                                     logits=args.logits)
+                own_move = accuracy_by_type(policy_logps, parent_logps, types, own)
+                row["acc_round_own"] = own_move["acc_true"]  # against the TRUE order
+                for kind in PAIR_KINDS:  # what the round learned, per pair type, against the labels
+                    row[f"acc_round_own/{kind}"] = own_move[f"acc_{kind}"]
+    if world is not None:
+        prompts = world.prompts["heldout"][: args.eval_prompts]
+        exact_evaluation(args, world, tokenizer, policy.config.block_size, cache)
+        style_logp = cache["exact"].style_logprobs(policy, device=device)
+        row.update(cache["exact"].scores(style_logp))
+        row["exact/off_style"] = cache["exact"].off_style_mass()
+        row["style_logp"] = [lp.tolist() for lp in style_logp]  # for population predictions (spo_min.compare)
+        if args.eval_samples > 0:  # 0: exact evaluation only (spo_min.compare)
+            sampled = [p for p in prompts for _ in range(args.eval_samples)]
+            responses, ended = sample_responses(policy, tokenizer, [p.text for p in sampled],
+                                                         seed=args.seed, temperature=args.eval_temperature,
+                                                         device=device, return_ended=True)
+            row.update(world_scores(sampled, responses, ended))
+            row["sample"] = f"{sampled[0].text!r} -> {responses[0]!r}"
+    return row
+
+
+def print_results(rows, stages, world, out):
+    """The run's two closing tables (README, "How to read the tables"), and scores.png."""
+    print("\nResults (acc = held-out implicit-reward accuracy, Delta log(pi_k/pi_0) > 0 on the labelled pairs;")
+    print("exact = style-level expectation on held-out prompts, no sampling; sampled = 8 samples per prompt):")
+    print(format_table(rows, result_columns(rows, stages)))
+    if world is not None:
+        print(f"\nTraining health: after each round, mean held-out dlogp(y_w) vs pi_0 >= -{MAX_DISPLACEMENT:g} "
+              f"nats, end-of-text >= {MIN_EOT_RATE:g}, the round's own accuracy >= {MIN_OWN_ACCURACY:g}:")
+        for row in rows:
+            if row["round"] > 0:
+                row["health"] = health_check(row, stages[: row["round"]])
+        print(format_table(rows, health_columns(stages)))
+    plot_rounds(rows, os.path.join(out, "scores.png"))
+
+
+def result_columns(rows, stages):
+    keys = ["round", "stage"] + [f"acc/{s}" for s in dict.fromkeys(stages)]
+    shown = ["exact/helpful_benign", "exact/harmless_harmful", "exact/refusal_benign", "exact/compliance_harmful",
+             "helpfulness", "harmlessness"]
+    if "concise" in stages:  # the third dimension's columns only when a round aligns it
+        shown[4:4] = ["exact/concise_all"]
+        shown.append("conciseness")
+    keys += [k for k in shown if any(k in r for r in rows)]
+    names = {"exact/helpful_benign": "help benign", "exact/harmless_harmful": "harmless harmful",
+             "exact/refusal_benign": "refuse benign", "exact/compliance_harmful": "comply harmful",
+             "exact/concise_all": "concise", "helpfulness": "sampled help", "harmlessness": "sampled harmless",
+             "conciseness": "sampled concise"}
+    return [(k, names.get(k, k.replace("acc/", "acc "))) for k in keys]
+
+
+def health_columns(stages):
+    """Likelihood displacement, fluency, and whether each round moved its own dimension."""
+    keys = [("round", "round"), ("stage", "stage")]
+    keys += [(f"chosen_logp_change/{s}", f"dlogp(y_w) {s}") for s in dict.fromkeys(stages)]
+    keys += [("acc_round_own", "own acc (round)")]
+    return keys + [("eot_rate", "end-of-text"), ("template_rate", "well-formed"), ("health", "criteria")]

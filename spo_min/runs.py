@@ -53,7 +53,7 @@ FLAGS = {"stage": "--stage", "loss": "--loss", "beta": "--beta", "lambdas": "--l
          "margin_mode": "--margin", "alpha": "--alpha", "lr": "--lr", "warmup": "--warmup", "steps": "--steps",
          "batch_size": "--batch-size", "seed": "--seed", "average_logps": "--average-logps",
          "dtype": "--dtype", "data_fingerprint": "--data and --seed", "config": "--model",
-         "sft_steps": "--sft-steps", "sft_lr": "--sft-lr"}
+         "sft_steps": "--sft-steps", "sft_lr": "--sft-lr", "sft_data": "--sft-data"}
 
 
 def round_settings(args, n, stage, lambdas, data_fingerprint, parent_sha256):
@@ -69,10 +69,11 @@ def round_settings(args, n, stage, lambdas, data_fingerprint, parent_sha256):
             "data_fingerprint": data_fingerprint, "parent_sha256": parent_sha256}
 
 
-def base_settings(args, config, data_fingerprint):
-    """The settings that determine the SFT base pi_0's weights."""
+def base_settings(args, config, data_fingerprint, sft_data):
+    """The settings that determine the SFT base pi_0's weights; sft_data names its corpus (world,
+    stages or file; spo_min/stages.py), data_fingerprint pins its exact examples."""
     return {"config": config.to_dict(), "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
-            "seed": args.seed, "data_fingerprint": data_fingerprint}
+            "seed": args.seed, "sft_data": sft_data, "data_fingerprint": data_fingerprint}
 
 
 def _show(key, value):
@@ -134,21 +135,22 @@ def data_flags(items, stages, formats):
                                 f"its stages are {', '.join(stages)}")
         if stage in files:
             raise RunError(f"--data {item}: stage '{stage}' already has --data {files[stage][0]}; give one file per stage")
-        files[stage] = _data_source(item, spec, formats)
+        files[stage] = data_source(f"--data {item}", spec, formats)
     return files
 
 
-def _data_source(item, spec, formats):
+def data_source(flag, spec, formats):
+    """PATH[:FORMAT] of a pairs file -> (path, format); `flag` names the option in messages."""
     path, _, fmt = spec.rpartition(":")
     if fmt not in formats:  # no known format after the last ':': it belongs to the path
         path, fmt = spec, ""
     if not os.path.exists(path):
         head, _, suffix = spec.rpartition(":")
-        _check(not (head and os.path.exists(head)), f"--data {item}: unknown format '{suffix}' after the last ':'; "
+        _check(not (head and os.path.exists(head)), f"{flag}: unknown format '{suffix}' after the last ':'; "
                                                     f"expected one of {', '.join(formats)}")
-        raise RunError(f"--data {item}: no such file {path}")
+        raise RunError(f"{flag}: no such file {path}")
     # A pipe (<(zcat pairs.jsonl.gz)) is fine: it is read once.
-    _check(not os.path.isdir(path), f"--data {item}: {path} is a folder; give a .jsonl or .jsonl.gz file of pairs")
+    _check(not os.path.isdir(path), f"{flag}: {path} is a folder; give a .jsonl or .jsonl.gz file of pairs")
     return path, fmt or "auto"
 
 
@@ -354,6 +356,16 @@ def checkpoint_bytes(config: GPTConfig) -> int:
     per_block = 12 * C * C + bias * 9 * C + 2 * layer_norm  # attention (4 C^2) + MLP (8 C^2), their biases, 2 LNs
     n = config.vocab_size * C + config.block_size * C + L * per_block + layer_norm  # wte, wpe, blocks, ln_f
     return 4 * n + 65536
+
+
+def make_out(out, config, with_state):
+    """Create --out (after every check that needs no file), writable and with room for the run."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"cannot write to --out {out}: {err.strerror}") from None
+    _check(os.access(out, os.W_OK), f"cannot write to --out {out}: permission denied")
+    check_free_space(out, config, with_state)
 
 
 def check_free_space(out, config, with_state):

@@ -381,7 +381,7 @@ def sft_run(tmp_path_factory):
     """A folder holding only an SFT base (1 step) as train.py saves it."""
     out = tmp_path_factory.mktemp("sft")
     args = train.parse_args(["--model", "nano", "--sft-steps", "1", "--stage", "helpful", "--out", str(out)])
-    train.bootstrap_base(args, get_tokenizer(), Distributed(), torch.device("cpu"))
+    train.bootstrap_base(args, get_tokenizer(), Distributed(), torch.device("cpu"), "world", {})
     return out
 
 
@@ -398,11 +398,11 @@ def test_base_is_reused_only_with_the_same_settings(sft_run, tmp_path, flags, ne
 
 def test_base_settings_name_the_flag():
     args = train.parse_args(["--model", "nano", "--stage", "helpful"])
-    recorded = runs.base_settings(args, GPTConfig.preset("nano"), "data")
+    recorded = runs.base_settings(args, GPTConfig.preset("nano"), "data", "world")
     for flags, needle in [(["--sft-steps", "2"], "sft_steps=400, this run has sft_steps=2 (set by --sft-steps)"),
                           (["--model", "tiny"], "config=nano ({"), (["--seed", "1"], "seed=0, this run has seed=1")]:
         args = train.parse_args(["--model", "nano", "--stage", "helpful", *flags])
-        expected = runs.base_settings(args, GPTConfig.preset(args.model), "data")
+        expected = runs.base_settings(args, GPTConfig.preset(args.model), "data", "world")
         with pytest.raises(runs.RunError, match=re.escape(needle)):
             runs.compare_settings("base.safetensors", recorded, expected, "use another --out")
 
@@ -649,11 +649,12 @@ def test_data_is_checked_before_the_base_sft(tmp_path, rows, flags, needle):
 def test_custom_dimension_and_colon_in_path_load(tmp_path):
     path = write_pairs(tmp_path / "a:b.jsonl", 40)
     args = train.parse_args(["--stage", "honest", "--data", f"honest={path}:generic"])
-    assert train.stage_sources(args) == {"honest": (path, "generic")}
+    assert stages.stage_sources(args) == {"honest": (path, "generic")}
     args = train.parse_args(["--stage", "honest", "--data", f"honest={path}"])
-    sources = train.stage_sources(args)
+    sources = stages.stage_sources(args)
     assert sources == {"honest": (path, "auto")}
-    tokenized, _ = train.load_stage_data(args, sources, get_tokenizer(), 64)
+    pairs, _ = stages.load_stage_pairs(args, sources)
+    tokenized = stages.tokenize_stages(pairs, get_tokenizer(), 64)
     train_tok, heldout = tokenized["honest"]
     assert len(train_tok) + len(heldout) == 40 and len(heldout) == 2
 

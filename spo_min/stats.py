@@ -93,7 +93,7 @@ def paired(diffs: list[float], band: float, higher: str = "higher", lower: str =
     equivalent = -band < mean - half90 and mean + half90 < band  # TOST at 5%
     different = abs(mean) > half
     if equivalent:
-        verdict = f"equivalent within +-{band:g}"
+        verdict = f"equivalent within +-{band:.3g}"
         if different:
             verdict += f" (a {higher if mean > 0 else lower} difference, smaller than the band)"
     elif different:
@@ -120,4 +120,4 @@ def describe(s: dict, fmt: str = "+.4f") -> str:
     if s["half_width"] is None:
         return f"{s['mean']:{fmt}} (n = 1: {s['verdict']})"
     return (f"{s['mean']:{fmt}} +- {s['half_width']:{fmt[1:]}} (95% CI; n = {s['n']}, dof = {s['dof']}; "
-            f"detectable at 80% power: {s['mde80']:{fmt[1:]}}; band +-{s['band']:g}) -> {s['verdict']}")
+            f"detectable at 80% power: {s['mde80']:{fmt[1:]}}; band +-{s['band']:.3g}) -> {s['verdict']}")

@@ -95,7 +95,7 @@ def paired(diffs: list[float], band: float, higher: str = "higher", lower: str =
     if equivalent:
         verdict = f"equivalent within +-{band:.3g}"
         if different:
-            verdict += f" (a {higher if mean > 0 else lower} difference, smaller than the band)"
+            verdict += f" (yet {higher if mean > 0 else lower}: a real difference, smaller than the band)"
     elif different:
         verdict = higher if mean > 0 else lower
     else:

@@ -61,7 +61,7 @@ def test_paired_verdicts():
     # Real but tiny: the 95% CI excludes 0 and the 90% CI sits inside the band.
     tiny = [0.0010, 0.0012, 0.0011, 0.0009, 0.0010]
     assert stats.paired(tiny, band=0.01, higher="SPO higher")["verdict"].startswith(
-        "equivalent within +-0.01 (a SPO higher difference")
+        "equivalent within +-0.01 (yet SPO higher: a real difference")
     noisy = [0.3, -0.25, 0.1, -0.2, 0.05]
     assert stats.paired(noisy, band=0.01)["verdict"] == "inconclusive"
     assert stats.paired([-0.5, -0.45, -0.55], band=0.01, lower="SPO lower")["verdict"] == "SPO lower"

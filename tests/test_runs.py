@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import train
-from spo_min import chain, data, losses, runs
+from spo_min import chain, data, losses, runs, stages
 from spo_min.checkpoint import load_model, read_metadata, save_model
 from spo_min.ddp import Distributed
 from spo_min.logps import batch_pair_loss

@@ -86,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="2 seeds, nano model, short rounds: for the test suite")
     p.add_argument("--samples", type=int, default=2, help="samples per held-out prompt (end-of-text rate)")
     p.add_argument("--train-args", default="", help="extra train.py arguments for every run, quoted")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted study in --out: keep its finished runs, train the rest (same options)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild the report from the runs already in --out (same options)")
     return p.parse_args(argv)
@@ -355,7 +357,7 @@ def main(argv=None):
             f.write(json.dumps(r) + "\n")
     verdict = {"seeds": args.seeds, "first_seed": args.first_seed, "alphas": alphas, "beta": beta,
                "train_args": common_train_args(args), "comparisons": comparisons,
-               "wall_seconds": study.earlier_wall_seconds(args.out, "verdict.json") if args.report_only else round(wall)}
+               **study.wall_record(args, "verdict.json", wall)}
     with open(os.path.join(args.out, "verdict.json"), "w") as f:
         json.dump(verdict, f, indent=1)
     plot(records, comparisons, alphas, os.path.join(args.out, "compare.png"))

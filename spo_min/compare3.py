@@ -254,9 +254,7 @@ def run(args):
             f.write(json.dumps(r) + "\n")
     with open(os.path.join(args.out, "verdict.json"), "w") as f:
         json.dump({"seeds": args.seeds, "first_seed": args.first_seed, "alphas": alphas, "train_args": common,
-                   "comparisons": comparisons,
-                   "wall_seconds": study.earlier_wall_seconds(args.out, "verdict.json") if args.report_only
-                   else round(wall)}, f, indent=1)
+                   "comparisons": comparisons, **study.wall_record(args, "verdict.json", wall)}, f, indent=1)
     plot(records, os.path.join(args.out, "round3.png"))
     print()
     print(format_report(records, comparisons))

@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     p.add_argument("--quick", action="store_true", help="nano model, short rounds: for the test suite")
     p.add_argument("--train-args", default="", help="extra train.py arguments for every run, quoted")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted study in --out: keep its finished runs, train the rest (same options)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rebuild the report from the runs already in --out (same options)")
     return p.parse_args(argv)
@@ -160,8 +162,9 @@ def format_report(rows, gaps, curves):
                ("end/gap", "J*-J (end)"), ("end/progress", "progress (end)"), ("end/heldout_loss", "loss (end)"),
                ("end/dlogp_yw", "dlogp(y_w) end"), ("end/eot_rate", "eot end"), ("end/exact/off_style", "off-style end"),
                ("degenerates_at", "degenerates at")]
-    lines = [format_table(rows, columns), "", "round 1 (own objective, pi_1* = pi_0 exp(R_1/beta_1)):"]
-    r1 = [{"seed": c["seed"], "lr": c["lr"], "method": c["method"], "best_step": c["best_step"],
+    shown_rows = [{**r, "lr": f"{r['lr']:g}"} for r in rows]  # 2e-4, not the table's 0.000
+    lines = [format_table(shown_rows, columns), "", "round 1 (own objective, pi_1* = pi_0 exp(R_1/beta_1)):"]
+    r1 = [{"seed": c["seed"], "lr": f"{c['lr']:g}", "method": c["method"], "best_step": c["best_step"],
            "gap": c["points"][-1]["gap"], "progress": c["points"][-1]["progress"],
            "dlogp": c["points"][-1]["dlogp_yw"], "sick": c["degenerates_at"]} for c in curves if c["round"] == 1]
     lines.append(format_table(r1, [("seed", "seed"), ("lr", "lr"), ("method", "chain"), ("best_step", "best step"),
@@ -209,8 +212,8 @@ def plot(curves, gaps, path):
     ax.set_title("J(SPO) - J(matched DPO) along round 2 (nats)", fontsize=9)
     ax.set_xlabel("round-2 step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    axes.flat[0].legend(fontsize=6)
+    ax.legend(fontsize=7, handlelength=4)  # long handles: the learning rates differ by line style
+    axes.flat[0].legend(fontsize=6, handlelength=4)
     fig.suptitle("convergence arm: open circles = held-out loss minimum (early stopping)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -235,8 +238,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "convergence.json"), "w") as f:
         json.dump({"seeds": args.seeds, "alpha": args.alpha, "lrs": lrs, "steps": args.steps, "beta": beta,
                    "train_args": common_train_args(args),
-                   "wall_seconds": study.earlier_wall_seconds(args.out, "convergence.json") if args.report_only
-                   else round(wall),
+                   **study.wall_record(args, "convergence.json", wall),
                    "summary": rows, "spo_minus_matched": gaps, "curves": curves}, f, indent=1)
     plot(curves, gaps, os.path.join(args.out, "convergence.png"))
     print()

@@ -25,8 +25,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --quick: a nano model and short rounds, for the test suite (plumbing and bookkeeping, not findings).
-QUICK_TRAIN_ARGS = ["--model", "nano", "--sft-steps", "60", "--sft-lr", "1e-2", "--steps", "12", "--batch-size", "8",
-                    "--eval-pairs", "40", "--lr", "1e-3", "--warmup", "2"]
+QUICK_TRAIN_ARGS = ["--model", "nano", "--sft-steps", "30", "--sft-lr", "1e-2", "--steps", "8", "--batch-size", "8",
+                    "--eval-pairs", "24", "--lr", "2e-3", "--warmup", "2"]
 
 
 def common_train_args(quick=False, samples=2, extra=""):
@@ -147,11 +147,46 @@ def run_or_load(args, jobs, what):
     """Train every job into a fresh --out, or with --report-only read the finished runs back;
     either way the report is built from the files (load_runs). `what` describes the study."""
     done = {}
-    if not args.report_only:
+    if getattr(args, "resume", False):
+        todo = unfinished_jobs(jobs)
+        print(f"[{what}] resuming: {len(jobs) - len(todo)} runs already finished, {len(todo)} to train, "
+              f"{args.jobs} in parallel; logs in {args.out}/logs", flush=True)
+        done = run_jobs(todo, args.jobs) if todo else {}
+    elif not args.report_only:
         fresh_out(args.out)
         print(f"[{what}] {len(jobs)} train.py runs, {args.jobs} in parallel; logs in {args.out}/logs", flush=True)
         done = run_jobs(jobs, args.jobs)
     return load_runs(jobs, done)
+
+
+def unfinished_jobs(jobs):
+    """--resume after a crash or a killed machine: the jobs whose run never wrote its metrics.jsonl.
+
+    A run writes metrics.jsonl last, so a folder without it holds a half-finished run: it is
+    deleted and trained again from the start (train.py refuses a non-empty --out). A job whose
+    parent already finished starts at once. The same options must be given as the first time.
+    """
+    import shutil
+
+    finished = {j["name"] for j in jobs if os.path.isfile(os.path.join(j["folder"], "metrics.jsonl"))}
+    todo = []
+    for j in jobs:
+        if j["name"] in finished:
+            continue
+        if os.path.isdir(j["folder"]):
+            shutil.rmtree(j["folder"])
+        todo.append({**j, "after": None if j["after"] in finished else j["after"]})
+    return todo
+
+
+def wall_record(args, name, wall):
+    """The wall time a study's JSON records: this training's, an earlier one's for --report-only,
+    and for --resume only the resumed part's, marked as such (the first part's time was lost)."""
+    if args.report_only:
+        return {"wall_seconds": earlier_wall_seconds(args.out, name)}
+    if getattr(args, "resume", False):
+        return {"wall_seconds": round(wall), "wall_seconds_covers": "the resumed runs only"}
+    return {"wall_seconds": round(wall)}
 
 
 def earlier_wall_seconds(out, name):

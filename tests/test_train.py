@@ -22,8 +22,11 @@ from spo_min.world import build_world
 from spo_min.tokenizer import get_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A nano run whose evaluation is as small as its training: a run's time is mostly evaluation
+# (300 held-out pairs per dimension and 8 samples per prompt by default), and the tests check
+# that it runs and what it writes, not its numbers.
 TINY = ["--model", "nano", "--sft-steps", "6", "--steps", "6", "--batch-size", "4",
-        "--eval-prompts", "4", "--save-every", "2"]
+        "--eval-prompts", "4", "--eval-samples", "2", "--eval-pairs", "24", "--save-every", "2"]
 RUN = TINY + ["--alpha", "0.5", "--beta", "0.8"]  # the two-round runs compared below
 
 
@@ -42,8 +45,7 @@ def two_round_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # --trace-every evaluates inside each round; the resume test below compares this run's weights
     # with an untraced one, bit for bit: tracing never changes training.
-    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, "--trace-every", "3",
-                     "--eval-pairs", "40")
+    proc = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, "--trace-every", "3")
     return out, proc
 
 
@@ -83,7 +85,8 @@ def test_round_trace_and_step_log(two_round_run):
     # M_2 = alpha Delta log(pi_1 / pi_0) (E5), on the held-out harmless pairs that train.py evaluates.
     tokenizer = get_tokenizer()
     world = build_world(seed=0)
-    heldout, _ = data.tokenize_pairs(world.pairs["harmless"]["heldout"][:40], tokenizer, 64)
+    eval_pairs = int(TINY[TINY.index("--eval-pairs") + 1])
+    heldout, _ = data.tokenize_pairs(world.pairs["harmless"]["heldout"][:eval_pairs], tokenizer, 64)
     (c0, r0), (c1, r1_) = (frozen_sequence_logps(load_model(out / f)[0], heldout)
                            for f in ("base.safetensors", "round1_helpful.safetensors"))
     margin = 0.5 * ((c1 - r1_) - (c0 - r0))

@@ -27,6 +27,15 @@ LAMBDAS = ["--lambdas", "0.5", "--lambdas", "0.6,0.2"]
 RUN3 = [*STAGES, *TINY, "--beta", "0.8", "--lr", "5e-3", *LAMBDAS]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_backend():
+    # conftest turns on Triton's interpreter for the kernel tests. What these tests compute in
+    # process (cached log-probs, margins) is what train.py computes on a CPU: the torch path.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def three_round_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("three")

@@ -30,6 +30,15 @@ TINY = ["--model", "nano", "--sft-steps", "6", "--steps", "6", "--batch-size", "
 RUN = TINY + ["--alpha", "0.5", "--beta", "0.8"]  # the two-round runs compared below
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_backend():
+    # conftest turns on Triton's interpreter for the kernel tests. What these tests compute in
+    # process (cached log-probs, margins) is what train.py computes on a CPU: the torch path.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        yield
+
+
 def run_train(*args, check=True, env_extra=None, launcher=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("TRITON_INTERPRET", None)  # training on CPU uses the torch path; kernel tests cover Triton

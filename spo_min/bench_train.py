@@ -12,8 +12,8 @@ Rows (each one a fresh subprocess, because a process's peak RSS never goes down:
 after another would inherit its high-water mark):
   full         model.head builds the (N, V) logits, then kernels/logprobs.py  (--logits full)
   chunked k=1  spo_min/pair_loss.py, the lm_head, log-probs and loss fused per chunk of k pairs
-  chunked k=2  (--logits chunked, train.py's default; on this setup its default k is 2 (3 on a
-  chunked k=B  few batches: spo_min/pair_loss.py CHUNK_TOKENS_CPU); k = B: the whole batch, one chunk
+  chunked k=2  (--logits chunked, train.py's default); k = B: the whole batch in one chunk, which
+  chunked k=B  is the default k on a CPU for this setup (spo_min/pair_loss.py CHUNK_TOKENS_CPU)
 each with glibc's default allocator settings and, on Linux CPU, with mallopt (below); and one
 more row, the default chunked path with torch.compile of the transformer blocks (train.py
 --compile on), under the last glibc setting: the measurement behind --compile's CPU default.
@@ -246,8 +246,8 @@ def main(argv=None):
                 f"{r['p20_ms']:>7} {r['p80_ms']:>7} {r['pairs_per_s']:>8} {r['cpu_ms_per_step']:>11} "
                 f"{r['peak_rss_mb']:>12}")
         print(line + (f" {r['peak_gpu_mb']:>12}" if gpu else ""))
-    print("(k: pairs per chunk; the default, spo_min/pair_loss.py's default_chunk_pairs, is 2 here, 3 on a few "
-          f"batches. Before the first step every process holds ~{rows[0]['rss_before_steps_mb']:.0f} MB: torch, "
+    print("(k: pairs per chunk; the default, spo_min/pair_loss.py's default_chunk_pairs, is the whole batch here "
+          f"on a CPU. Before the first step every process holds ~{rows[0]['rss_before_steps_mb']:.0f} MB: torch, "
           "the model and AdamW)")
     if not gpu:
         result["cpu_targets"] = cpu_targets(rows)

@@ -204,35 +204,52 @@ def format_report(records, summary):
 
 
 def plot(records, path):
+    """Two panels (help kept, harm kept) against concise gained: each setting in its own colour,
+    measured (filled, 95% CI) beside its two predictions (open); one legend for the colours and one
+    for the markers, so no label sits on a point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    colours = {"exact": "tab:red", "telescoped": "tab:orange", "dpo": "tab:blue"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    palette = {"exact": ("tab:red", "darkred"), "telescoped": ("orange", "saddlebrown"), "dpo": ("tab:blue",)}
+    settings = sorted({(METHOD_ORDER[r["method"]], r["alpha"], r["setting"]) for r in records})
+    colour_of, used = {}, {}
+    for _, _, setting in settings:
+        method = next(r["method"] for r in records if r["setting"] == setting)
+        k = used.get(method, 0)
+        colour_of[setting] = palette[method][min(k, len(palette[method]) - 1)]
+        used[method] = k + 1
+    views = (("measured", "o", "measured (mean, 95% CI over seeds)"),
+             ("from_margin", "s", "optimum of the margin used"),
+             ("optimum", "^", "optimum, earlier rounds optimal"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, axis in zip(axes, ("help kept", "harm kept")):
-        for setting in sorted({r["setting"] for r in records}):
+        for _, _, setting in settings:
             group = [r for r in records if r["setting"] == setting]
-            colour = colours[group[0]["method"]]
-            for view, marker, fill in (("measured", "o", colour), ("from_margin", "s", "none"),
-                                       ("optimum", "^", "none")):
+            colour = colour_of[setting]
+            for view, marker, _ in views:
                 (mx, hx), (my, hy) = (stats.mean_ci([r[view]["concise gained"] for r in group]),
                                       stats.mean_ci([r[view][axis] for r in group]))
-                ax.errorbar(mx, my, xerr=hx if view == "measured" else None, yerr=hy if view == "measured" else None,
-                            fmt=marker, color=colour, mfc=fill, capsize=3,
-                            label=f"{setting} ({view.replace('_', ' ')})" if axis == "help kept" else None)
-                if view == "measured":
-                    ax.annotate(setting, (mx, my), fontsize=7, xytext=(4, 4), textcoords="offset points")
+                measured = view == "measured"
+                ax.errorbar(mx, my, xerr=hx if measured else None, yerr=hy if measured else None, fmt=marker,
+                            color=colour, mfc=colour if measured else "none", ms=7 if measured else 6, capsize=3)
         ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
         ax.set_xlabel("concise gained: conciseness, pi_3 - pi_2")
-        ax.set_ylabel(f"{axis}: pi_3 - pi_2")
+        ax.set_ylabel(f"{axis}: {'helpfulness (benign)' if axis == 'help kept' else 'harmlessness (harmful)'}, "
+                      "pi_3 - pi_2")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=6)
-    fig.suptitle("round 3 from one pi_2: filled = measured (95% CI), square = optimum of the margin used, "
-                 "triangle = optimum with earlier rounds optimal", fontsize=8)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))  # room for the legend below the panels
+    colours = [Line2D([], [], color=colour_of[s], marker="o", ls="", label=s) for _, _, s in settings]
+    markers = [Line2D([], [], color="black", marker=m, mfc="black" if v == "measured" else "none", ls="", label=text)
+               for v, m, text in views]
+    fig.legend(handles=colours, loc="lower left", ncol=len(colours), fontsize=7, title="round 3 (colour)",
+               title_fontsize=7, bbox_to_anchor=(0.02, 0.0))
+    fig.legend(handles=markers, loc="lower right", ncol=1, fontsize=7, title="marker", title_fontsize=7,
+               bbox_to_anchor=(0.98, 0.0))
+    fig.suptitle("Round 3 from one pi_2 per seed: what each margin kept and gained, measured and predicted", fontsize=9)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))  # room for the legends below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

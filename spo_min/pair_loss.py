@@ -70,16 +70,18 @@ from spo_min.losses import LossInputError, scored_sequence_logps
 
 # Scored tokens per chunk (whole pairs: a chunk holds as many pairs as fit, at least one).
 # CPU: every chunk reads the whole (V, C) weight twice (its logits, d h) and reads and writes the
-# fp32 weight gradient, 26 MB each on the bench_train setup (C = 128), so one pair per chunk pays
-# that traffic per pair; a bigger chunk holds more memory (192 fp32 rows of V = 50257: 37 MB).
-# Measured there, one thread, CPU time of forward+backward, with other jobs loading the 2 cores
-# (so roughly): full logits 409 ms; 1 pair per chunk 480, 2 pairs 456, all 8 pairs 403 (glibc
-# keeping freed memory; without it full 592, fused 499 / 461 / 449), and the whole batch in one
-# chunk raised peak RSS by ~100 MB. 192 tokens: 2 pairs of that setup (spo_min/bench_train.py
-# times k = 1, 2 and the whole batch side by side). GPU: 4096 bf16 rows are 412 MB, a
-# (4096, 768) x (768, 50257) matmul of 316 GFLOP, far above what the tensor cores need to run at
-# full speed; 2 pairs of 2 x 1024 tokens at GPT-2's context (spo_min/bench_gpt2.py measures the step).
-CHUNK_TOKENS_CPU = 192
+# fp32 weight gradient, 26 MB each on the bench_train setup (C = 128), so small chunks pay that
+# traffic again and again; a bigger chunk holds more memory (768 fp32 rows of V = 50257: 154 MB).
+# Measured on the idle 2-core CPU (python -m spo_min.bench_train --repeats 3, 8 pairs of about 60
+# scored tokens; kernels/results/cpu-2core/bench_train.json), pairs/s and peak RSS, with glibc
+# keeping freed memory as train.py sets it: full logits 29.9 / 990 MB; 1 pair per chunk 25.0 /
+# 526 MB, 2 pairs 29.0 / 565 MB, all 8 pairs 33.6 / 577 MB (glibc defaults: full 21.9, the three
+# 28.1 / 26.7 / 28.0). So the CPU budget takes the whole batch of that setup (12 or more of
+# train.py's 16 built-in-world pairs, up to 61 tokens each), and caps the chunk for long sequences.
+# GPU: 4096 bf16 rows are 412 MB, a (4096, 768) x (768, 50257) matmul of 316 GFLOP, far above what
+# the tensor cores need to run at full speed; 2 pairs of 2 x 1024 tokens at GPT-2's context
+# (spo_min/bench_gpt2.py measures the step).
+CHUNK_TOKENS_CPU = 768
 CHUNK_TOKENS_GPU = 4096
 
 

@@ -229,7 +229,8 @@ def gradient_checks(policy, batch, ref_chosen, ref_rejected, margin, beta, avera
     policy.train(was_training)
     scale = max(g.abs().max().item() for g in grads[1])
     worst = max((a - b).abs().max().item() for a, b in zip(*grads))
-    if not worst <= 1e-4 * scale:  # fp32 sums in another order: measured 2e-7 to 1.2e-6 of the largest entry
+    # fp32 rounding, of the largest entry: 1e-6 (world), 1.5e-4 (HH-RLHF, 1e-13 in fp64); a bug: ~1.
+    if not worst <= 1e-3 * scale:
         raise TrainError(f"gradient check failed: the fused loss's gradients differ from plain autograd's by "
                          f"{worst:.2e} (largest entry {scale:.2e}) on this batch")
     msg += ", fused loss == autograd"

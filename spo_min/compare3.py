@@ -269,9 +269,10 @@ def run(args):
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    wall_seconds = study.wall_record(args, "verdict.json", wall)  # before "w" empties the file it reads
     with open(os.path.join(args.out, "verdict.json"), "w") as f:
         json.dump({"seeds": args.seeds, "first_seed": args.first_seed, "alphas": alphas, "train_args": common,
-                   "comparisons": comparisons, **study.wall_record(args, "verdict.json", wall)}, f, indent=1)
+                   "comparisons": comparisons, **wall_seconds}, f, indent=1)
     plot(records, os.path.join(args.out, "round3.png"))
     print()
     print(format_report(records, comparisons))

@@ -235,10 +235,11 @@ def main(argv=None):
     curves = build_curves(args, jobs, results, beta)
     rows, gaps = summarise(curves)
     wall = time.time() - t0
+    wall_seconds = study.wall_record(args, "convergence.json", wall)  # before "w" empties the file it reads
     with open(os.path.join(args.out, "convergence.json"), "w") as f:
         json.dump({"seeds": args.seeds, "alpha": args.alpha, "lrs": lrs, "steps": args.steps, "beta": beta,
                    "train_args": common_train_args(args),
-                   **study.wall_record(args, "convergence.json", wall),
+                   **wall_seconds,
                    "summary": rows, "spo_minus_matched": gaps, "curves": curves}, f, indent=1)
     plot(curves, gaps, os.path.join(args.out, "convergence.png"))
     print()

@@ -98,8 +98,7 @@ def test_resume_trains_only_the_unfinished_runs_and_reproduces_them(quick_study,
     out, records, _ = quick_study
     copy = tmp_path / "study"
     shutil.copytree(out, copy)
-    shutil.rmtree(copy / "seed1_matched_1")                    # never started
-    (copy / "seed1_matched_1_r1" / "metrics.jsonl").unlink()   # killed before its last write
+    (copy / "seed1_matched_1" / "metrics.jsonl").unlink()  # killed before its last write
     kept = (copy / "seed0_spo_1" / "round2_harmless.safetensors").read_bytes()
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
@@ -119,6 +118,20 @@ def test_resume_trains_only_the_unfinished_runs_and_reproduces_them(quick_study,
         assert exact and {k: b["pi2"][k] for k in exact} == pytest.approx(exact, abs=1e-6)
     verdict = json.loads((copy / "verdict.json").read_text())
     assert verdict["wall_seconds_covers"] == "the resumed runs only"
+
+
+def test_unfinished_jobs_wait_only_for_unfinished_parents(tmp_path):
+    """--resume's plan: finished runs (metrics.jsonl written) are skipped, a half-written folder is
+    deleted, a run whose parent finished starts at once, one whose parent is retrained waits for it."""
+    jobs = [study.job("a", [], str(tmp_path)), study.job("b", [], str(tmp_path), after="a"),
+            study.job("c", [], str(tmp_path), after="b"), study.job("d", [], str(tmp_path), after="a")]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "round1_helpful.state.safetensors").write_text("half")
+    todo = study.unfinished_jobs(jobs)
+    assert [(j["name"], j["after"]) for j in todo] == [("b", None), ("c", "b"), ("d", None)]
+    assert not (tmp_path / "b").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
 
 
 def test_run_jobs_refuses_unknown_parents():
@@ -197,3 +210,21 @@ def test_round3_study_branches_every_method_from_the_same_pi2(quick_round3):
         gap = [e["from_margin"][a] - t["from_margin"][a] for a in e["measured"]]
         moved = [e["measured"][a] - t["measured"][a] for a in e["measured"]]
         assert got == pytest.approx(sum(m * g for m, g in zip(moved, gap)) / sum(g * g for g in gap) ** 0.5)
+
+
+@pytest.mark.parametrize("which", ["quick_study", "quick_round3"])
+def test_report_only_rebuilds_the_same_report_and_keeps_the_training_wall_time(which, request):
+    """--report-only reads the runs back from their files: the same records, and the wall time the
+    training recorded (not None: the JSON it reads is the one it rewrites)."""
+    out, records, _ = request.getfixturevalue(which)
+    argv = (["--quick", "--out", str(out), "--alphas", "1", "--samples", "1", "--report-only"] if which == "quick_study"
+            else ["--rounds", "3", "--quick", "--out", str(out), "--alphas", "1", "--samples", "0", "--report-only"])
+    trained = json.loads((out / "verdict.json").read_text())["wall_seconds"]
+    again, _ = compare.main(argv)
+    assert isinstance(trained, int) and json.loads((out / "verdict.json").read_text())["wall_seconds"] == trained
+    key = lambda r: (r["seed"], r["method"], r.get("alpha"))  # noqa: E731
+    assert [key(r) for r in sorted(again, key=key)] == [key(r) for r in sorted(records, key=key)]
+    for a, b in zip(sorted(again, key=key), sorted(records, key=key)):
+        # Run times aside (a whole run's when trained here, its last round's when read back).
+        a, b = ({k: v for k, v in r.items() if k != "seconds"} for r in (a, b))
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

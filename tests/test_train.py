@@ -129,12 +129,13 @@ def test_reference_cache_matches_live_reference(two_round_run):
 def test_resume_after_kill_matches_uninterrupted_run(two_round_run, tmp_path):
     out_ref, _ = two_round_run
     out = tmp_path / "killed"
-    crashed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN,
+    quiet = ["--eval-samples", "0"]  # evaluation never changes training: the reference run sampled
+    crashed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, *quiet,
                         "--crash-at-step", "5", check=False)
     assert crashed.returncode != 0  # killed by SIGKILL in round 1 after step 5 (state saved at step 4)
     assert (out / "round1_helpful.state.safetensors").exists()
     assert not (out / "round1_helpful.safetensors").exists()
-    resumed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, "--resume")
+    resumed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, *quiet, "--resume")
     assert "resuming helpful at step 4" in resumed.stdout
     for name in ("round1_helpful.safetensors", "round2_harmless.safetensors"):
         a, b = load_file(out / name), load_file(out_ref / name)

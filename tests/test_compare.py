@@ -8,6 +8,7 @@ findings (README.md and notebooks 04/05 report the full studies).
 import json
 
 import pytest
+import torch
 
 from spo_min import chain, compare, study
 from spo_min.checkpoint import read_metadata
@@ -102,10 +103,13 @@ def test_resume_trains_only_the_unfinished_runs_and_reproduces_them(quick_study,
     kept = (copy / "seed0_spo_1" / "round2_harmless.safetensors").read_bytes()
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)
-    try:
-        resumed, _ = compare.main(["--quick", "--out", str(copy), "--alphas", "1", "--samples", "1", "--resume"])
+    threads = torch.get_num_threads()
+    try:  # --jobs 1: the one run trains in this process (a worker pool would start torch again)
+        resumed, _ = compare.main(["--quick", "--out", str(copy), "--alphas", "1", "--samples", "1", "--resume",
+                                   "--jobs", "1"])
     finally:
         mp.undo()
+        torch.set_num_threads(threads)  # a study's run takes one thread
     assert (copy / "seed0_spo_1" / "round2_harmless.safetensors").read_bytes() == kept
     assert (copy / "seed1_matched_1" / "metrics.jsonl").is_file()
     key = lambda r: (r["seed"], r["method"], r.get("alpha"))  # noqa: E731

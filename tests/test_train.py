@@ -129,7 +129,10 @@ def test_reference_cache_matches_live_reference(two_round_run):
 def test_resume_after_kill_matches_uninterrupted_run(two_round_run, tmp_path):
     out_ref, _ = two_round_run
     out = tmp_path / "killed"
-    quiet = ["--eval-samples", "0"]  # evaluation never changes training: the reference run sampled
+    os.makedirs(out)
+    # The reference run's base (no SFT again) and no sampling: neither changes what is compared.
+    (out / "base.safetensors").write_bytes((out_ref / "base.safetensors").read_bytes())
+    quiet = ["--eval-samples", "0"]
     crashed = run_train("--stage", "helpful", "--stage", "harmless", "--out", str(out), *RUN, *quiet,
                         "--crash-at-step", "5", check=False)
     assert crashed.returncode != 0  # killed by SIGKILL in round 1 after step 5 (state saved at step 4)

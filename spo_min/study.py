@@ -162,13 +162,14 @@ def run_or_load(args, jobs, what):
 def unfinished_jobs(jobs):
     """--resume after a crash or a killed machine: the jobs whose run never wrote its metrics.jsonl.
 
-    A run writes metrics.jsonl last, so a folder without it holds a half-finished run: it is
-    deleted and trained again from the start (train.py refuses a non-empty --out). A job whose
-    parent already finished starts at once. The same options must be given as the first time.
+    train.py appends one metrics.jsonl row per round, so a run is finished when its last row is its
+    last --stage's; any other folder holds a half-finished run: it is deleted and trained again from
+    the start (train.py refuses a non-empty --out). A job whose parent already finished starts at
+    once. The same options must be given as the first time.
     """
     import shutil
 
-    finished = {j["name"] for j in jobs if os.path.isfile(os.path.join(j["folder"], "metrics.jsonl"))}
+    finished = {j["name"] for j in jobs if _finished(j)}
     todo = []
     for j in jobs:
         if j["name"] in finished:
@@ -177,6 +178,17 @@ def unfinished_jobs(jobs):
             shutil.rmtree(j["folder"])
         todo.append({**j, "after": None if j["after"] in finished else j["after"]})
     return todo
+
+
+def _finished(job):
+    """Did this job's run write its last round's metrics row? (A cut last line: not finished.)"""
+    path = os.path.join(job["folder"], "metrics.jsonl")
+    last_stage = [a for i, a in enumerate(job["argv"]) if i and job["argv"][i - 1] == "--stage"][-1]
+    try:
+        rows = _read_jsonl(path)
+    except (OSError, ValueError):
+        return False
+    return bool(rows) and rows[-1].get("stage") == last_stage
 
 
 def wall_record(args, name, wall):

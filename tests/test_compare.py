@@ -127,15 +127,22 @@ def test_resume_trains_only_the_unfinished_runs_and_reproduces_them(quick_study,
 def test_unfinished_jobs_wait_only_for_unfinished_parents(tmp_path):
     """--resume's plan: finished runs (metrics.jsonl written) are skipped, a half-written folder is
     deleted, a run whose parent finished starts at once, one whose parent is retrained waits for it."""
-    jobs = [study.job("a", [], str(tmp_path)), study.job("b", [], str(tmp_path), after="a"),
-            study.job("c", [], str(tmp_path), after="b"), study.job("d", [], str(tmp_path), after="a")]
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "metrics.jsonl").write_text("{}\n")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "round1_helpful.state.safetensors").write_text("half")
+    two = ["--stage", "helpful", "--stage", "harmless"]
+    jobs = [study.job("a", two, str(tmp_path)), study.job("b", two, str(tmp_path), after="a"),
+            study.job("c", ["--stage", "concise"], str(tmp_path), after="b"),
+            study.job("d", ["--stage", "concise"], str(tmp_path), after="a"),
+            study.job("e", two, str(tmp_path))]
+    rows = {0: '{"round": 0, "stage": "base"}\n', 1: '{"round": 1, "stage": "helpful"}\n',
+            2: '{"round": 2, "stage": "harmless"}\n'}
+    for name, text in (("a", rows[0] + rows[1] + rows[2]),   # finished: its last row is its last stage's
+                       ("b", rows[0] + rows[1]),             # killed in round 2: a row per finished round
+                       ("e", rows[0] + rows[1] + '{"round": 2, "sta')):  # killed while writing its last row
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(text)
     todo = study.unfinished_jobs(jobs)
-    assert [(j["name"], j["after"]) for j in todo] == [("b", None), ("c", "b"), ("d", None)]
-    assert not (tmp_path / "b").exists() and (tmp_path / "a" / "metrics.jsonl").exists()
+    assert [(j["name"], j["after"]) for j in todo] == [("b", None), ("c", "b"), ("d", None), ("e", None)]
+    assert not (tmp_path / "b").exists() and not (tmp_path / "e").exists()
+    assert (tmp_path / "a" / "metrics.jsonl").exists()
 
 
 def test_run_jobs_refuses_unknown_parents():

@@ -24,3 +24,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not found: real-data checks need ../shared/data beside the repo")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def torch_backend():
+    """For modules that train or score as train.py does on a CPU (the torch path, not Triton's
+    interpreter, which the kernel tests turn on above). Module scope, so that the module-scoped
+    runs of those modules see it too; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("torch_backend")`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        yield
+

@@ -92,8 +92,8 @@ def test_a_study_never_writes_into_a_used_folder(quick_study, tmp_path):
 
 def test_resume_trains_only_the_unfinished_runs_and_reproduces_them(quick_study, tmp_path):
     """A study killed midway (machine restart) is finished with --resume: the finished runs are
-    kept byte for byte, a half-written run folder is retrained from the start, a run that never
-    began waits for its parent as before; seeded runs make the report the same as the original."""
+    kept byte for byte, a half-written run is retrained from the start, and seeded runs make the
+    report the same as the original (which runs wait for which: the unit test below)."""
     import shutil
 
     out, records, _ = quick_study

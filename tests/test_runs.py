@@ -34,13 +34,7 @@ FAST = ["--no-grad-check", "--eval-prompts", "1", "--eval-samples", "1", "--eval
         "--batch-size", "4", "--steps", "2", "--save-every", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_backend():
-    # conftest turns on Triton's interpreter for the kernel tests; training here uses torch.
-    # Module scope: the module-scoped runs below must see it too.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("TRITON_INTERPRET", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("torch_backend")  # train.py's CPU path (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

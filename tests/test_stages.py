@@ -25,9 +25,7 @@ def write_pairs(path, n_prompts):
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # training here uses the torch path
+pytestmark = pytest.mark.usefixtures("torch_backend")  # train.py's CPU path (tests/conftest.py)
 
 
 def test_the_stages_corpus_is_their_training_pairs_preferred_responses(tmp_path):

@@ -27,13 +27,7 @@ LAMBDAS = ["--lambdas", "0.5", "--lambdas", "0.6,0.2"]
 RUN3 = [*STAGES, *TINY, "--beta", "0.8", "--lr", "5e-3", *LAMBDAS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_backend():
-    # conftest turns on Triton's interpreter for the kernel tests. What these tests compute in
-    # process (cached log-probs, margins) is what train.py computes on a CPU: the torch path.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("TRITON_INTERPRET", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("torch_backend")  # train.py's CPU path (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

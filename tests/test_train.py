@@ -30,13 +30,12 @@ TINY = ["--model", "nano", "--sft-steps", "6", "--steps", "6", "--batch-size", "
 RUN = TINY + ["--alpha", "0.5", "--beta", "0.8"]  # the two-round runs compared below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def torch_backend():
-    # conftest turns on Triton's interpreter for the kernel tests. What these tests compute in
-    # process (cached log-probs, margins) is what train.py computes on a CPU: the torch path.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("TRITON_INTERPRET", raising=False)
-        yield
+pytestmark = pytest.mark.usefixtures("torch_backend")  # train.py's CPU path (tests/conftest.py)
+
+
+def test_this_module_scores_on_the_torch_path():
+    # The opt-in above: without it the in-process scoring below would run Triton's interpreter.
+    assert os.environ.get("TRITON_INTERPRET") is None
 
 
 def run_train(*args, check=True, env_extra=None, launcher=None):
